@@ -1,0 +1,34 @@
+#!/usr/bin/env bash
+# The project's two entry points on a fresh machine (Python 3.11, PyPI reachable, no GPU needed):
+#   ./run.sh demo   generate the synthetic defect dataset and run phases 0 → 1 → 2 → 3 on it
+#   ./run.sh test   lint and run the test suite
+# Both create .venv and install requirements on first use (again whenever a requirements file changes).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+stamp=".venv/.installed-$(cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)"
+if [ ! -f "$stamp" ]; then
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+  touch "$stamp"
+fi
+
+command=${1:-}
+shift || true
+case "$command" in
+  demo)
+    exec .venv/bin/python train_progressive.py --config configs/demo.yaml --phase all "$@"
+    ;;
+  test)
+    .venv/bin/ruff check .
+    .venv/bin/ruff format --check .
+    exec .venv/bin/python -m pytest -q "$@"
+    ;;
+  *)
+    echo "usage: ./run.sh demo | ./run.sh test [pytest arguments]" >&2
+    exit 2
+    ;;
+esac
