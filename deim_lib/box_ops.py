@@ -13,7 +13,7 @@ __all__ = ["box_cxcywh_to_xyxy", "box_iou", "box_xyxy_to_cxcywh", "generalized_b
 
 
 def box_cxcywh_to_xyxy(boxes: Tensor) -> Tensor:
-    """cxcywh → xyxy with negative widths/heights clamped to zero first, so a degenerate prediction stays a valid box."""
+    """cxcywh → xyxy with negative widths/heights clamped to zero, so a degenerate prediction stays a valid box."""
     cx, cy, w, h = boxes.unbind(-1)
     half_w = 0.5 * w.clamp(min=0.0)
     half_h = 0.5 * h.clamp(min=0.0)

@@ -1,0 +1,113 @@
+"""Reading official DEIMv2 checkpoints and loading them into our detector, with one-line errors for bad files.
+
+An official training checkpoint is a dict with ``model`` and, when EMA was on, ``ema = {"module": state_dict,
+"updates": n}``; the EMA weights are the ones every official tool evaluates, so they are the default here too.
+"""
+
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from deim_lib.model import DEIM, build_detector
+from deim_lib.variants import VARIANTS
+
+# Tensors whose first dimension is the class count (the denoising embedding has one extra padding row).
+CLASS_HEAD_PREFIXES = ("decoder.enc_score_head.", "decoder.dec_score_head.", "decoder.denoising_class_embed.")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used; the message names the file and the fix."""
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """``torch.load`` (weights only) with clear errors for missing, truncated and foreign files."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found; pass the path of a DEIMv2 .pth file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises several types for truncated zips, pickles and foreign formats
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise CheckpointError(
+            f"{path}: not a readable PyTorch checkpoint ({reason[:160]}); re-download or re-save it"
+        ) from None
+    if not isinstance(checkpoint, dict):
+        raise CheckpointError(f"{path}: expected a dict checkpoint, found {type(checkpoint).__name__}")
+    return checkpoint
+
+
+def detector_state_dict(checkpoint: dict, path: str | Path) -> dict[str, Tensor]:
+    """The detector weights of an official-format checkpoint: ``ema.module`` when present, else ``model``."""
+    ema = checkpoint.get("ema")
+    if isinstance(ema, dict) and isinstance(ema.get("module"), dict):
+        state_dict = ema["module"]
+    elif isinstance(checkpoint.get("model"), dict):
+        state_dict = checkpoint["model"]
+    else:
+        raise CheckpointError(
+            f"{path}: no 'ema.module' or 'model' state dict inside (top-level keys: {sorted(checkpoint)[:8]}); "
+            "this is not a DEIMv2 training checkpoint"
+        )
+    if not any(key.startswith("decoder.") for key in state_dict):
+        raise CheckpointError(f"{path}: the state dict has no 'decoder.*' keys; this is not a DEIMv2 detector")
+    return state_dict
+
+
+def load_official_checkpoint(path: str | Path) -> dict[str, Tensor]:
+    """The state dict to load from an official DEIMv2 checkpoint file (EMA weights when present)."""
+    return detector_state_dict(read_checkpoint(path), path)
+
+
+def checkpoint_num_classes(state_dict: dict[str, Tensor]) -> int:
+    return state_dict["decoder.enc_score_head.weight"].shape[0]
+
+
+def _is_class_head(key: str) -> bool:
+    return key.startswith(CLASS_HEAD_PREFIXES)
+
+
+def _shape_signature(state_dict: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
+    return {key: tuple(value.shape) for key, value in state_dict.items() if not _is_class_head(key)}
+
+
+def guess_variant(state_dict: dict[str, Tensor]) -> str | None:
+    """The variant whose keys and class-independent shapes equal ``state_dict``'s, if any (models built on 'meta')."""
+    signature = _shape_signature(state_dict)
+    for name in VARIANTS:
+        with torch.device("meta"):
+            candidate = build_detector(name, checkpoint_num_classes(state_dict))
+        if _shape_signature(candidate.state_dict()) == signature:
+            return name
+    return None
+
+
+def load_detector_state(
+    model: DEIM, state_dict: dict[str, Tensor], source: str | Path, reinit_class_heads: bool = False
+) -> list[str]:
+    """Load ``state_dict`` into ``model`` strictly; returns the keys left at their fresh initialisation.
+
+    A checkpoint of another variant is an error naming the variant its keys look like. A different class count is an
+    error unless ``reinit_class_heads``: then the class-dependent tensors (encoder/decoder score heads, denoising
+    embedding) keep the model's fresh initialisation and their names are returned.
+    """
+    expected = model.state_dict()
+    if _shape_signature(expected) != _shape_signature(state_dict):
+        looks_like = guess_variant(state_dict)
+        hint = f"its keys look like variant {looks_like!r}" if looks_like else "its keys match no DEIMv2 variant"
+        raise CheckpointError(f"{source}: checkpoint does not fit variant {model.variant!r}; {hint}")
+
+    found_classes = checkpoint_num_classes(state_dict)
+    if found_classes != model.num_classes and not reinit_class_heads:
+        raise CheckpointError(
+            f"{source}: checkpoint has {found_classes} classes, the model {model.num_classes}; "
+            "set model.reinit_class_heads: true to re-initialise the class heads for the new classes"
+        )
+    reinitialised = []
+    if found_classes != model.num_classes:
+        reinitialised = sorted(key for key in expected if _is_class_head(key))
+        state_dict = {key: value for key, value in state_dict.items() if not _is_class_head(key)}
+    missing, unexpected = model.load_state_dict(state_dict, strict=False)
+    if sorted(missing) != reinitialised or unexpected:
+        raise CheckpointError(f"{source}: unexpected key mismatch (missing {missing[:4]}, unexpected {unexpected[:4]})")
+    return reinitialised
