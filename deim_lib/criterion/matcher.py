@@ -1,0 +1,89 @@
+"""Hungarian matching between decoder queries and ground-truth boxes, as official DEIMv2 does it.
+
+The cost matrix of the whole batch is one computation; only the assignment itself runs per image, on the CPU, with
+scipy's ``linear_sum_assignment``.
+"""
+
+import torch
+from scipy.optimize import linear_sum_assignment
+from torch import Tensor, nn
+
+from deim_lib.box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
+
+
+class HungarianMatcher(nn.Module):
+    """One-to-one assignment of queries to targets minimising a focal-class + L1 + GIoU cost.
+
+    From ``matcher_change_epoch`` on (when ``change_matcher``), the cost becomes ``-p · IoU^iou_order_alpha`` where
+    ``p`` is the predicted probability of the target's class, so queries are ranked by a quality-aware score.
+    """
+
+    def __init__(
+        self,
+        cost_class: float = 2.0,
+        cost_bbox: float = 5.0,
+        cost_giou: float = 2.0,
+        alpha: float = 0.25,
+        gamma: float = 2.0,
+        change_matcher: bool = True,
+        iou_order_alpha: float = 4.0,
+        matcher_change_epoch: int = 100,
+    ) -> None:
+        super().__init__()
+        self.cost_class = cost_class
+        self.cost_bbox = cost_bbox
+        self.cost_giou = cost_giou
+        self.alpha = alpha
+        self.gamma = gamma
+        self.change_matcher = change_matcher
+        self.iou_order_alpha = iou_order_alpha
+        self.matcher_change_epoch = matcher_change_epoch
+
+    @torch.no_grad()
+    def forward(self, outputs: dict, targets: list[dict], epoch: int = 0) -> list[tuple[Tensor, Tensor]]:
+        """Match every image of the batch.
+
+        Args:
+            outputs: ``pred_logits`` float [B, Q, C] (class logits) and ``pred_boxes`` float [B, Q, 4] (cxcywh,
+                normalised); other keys are ignored.
+            targets: B dicts with ``labels`` int64 [G_b] and ``boxes`` float [G_b, 4] (cxcywh, normalised).
+            epoch: 0-based training epoch; selects the cost (see the class docstring).
+
+        Returns:
+            B pairs ``(query_indices, target_indices)``, int64 CPU tensors of length min(Q, G_b), ordered by
+            ascending query index.
+        """
+        B, Q = outputs["pred_logits"].shape[:2]
+        sizes = [len(t["boxes"]) for t in targets]
+        if sum(sizes) == 0:
+            empty = torch.zeros(0, dtype=torch.int64)
+            return [(empty, empty.clone()) for _ in sizes]
+
+        cost = self._cost_matrix(outputs, targets, epoch).view(B, Q, -1).cpu()
+        # NaN costs (e.g. 0/0 IoU of two degenerate boxes) would make scipy fail; official DEIMv2 treats them as 1.
+        cost = torch.where(cost.isnan(), torch.ones_like(cost), cost)
+        indices = []
+        for b, block in enumerate(cost.split(sizes, dim=-1)):
+            rows, cols = linear_sum_assignment(block[b].numpy())
+            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
+        return indices
+
+    def _cost_matrix(self, outputs: dict, targets: list[dict], epoch: int) -> Tensor:
+        """Cost of every (query of the batch, target of the batch) pair: float [B·Q, ΣG_b]."""
+        prob = outputs["pred_logits"].flatten(0, 1).sigmoid()
+        pred_boxes = outputs["pred_boxes"].flatten(0, 1)
+        target_labels = torch.cat([t["labels"] for t in targets])
+        target_boxes = torch.cat([t["boxes"] for t in targets])
+        prob = prob[:, target_labels]
+
+        if self.change_matcher and epoch >= self.matcher_change_epoch:
+            # Plain IoU without eps: two empty boxes give NaN, which forward() replaces.
+            iou = box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(target_boxes))
+            return -(prob * iou**self.iou_order_alpha)
+
+        neg_cost = (1 - self.alpha) * (prob**self.gamma) * (-(1 - prob + 1e-8).log())
+        pos_cost = self.alpha * ((1 - prob) ** self.gamma) * (-(prob + 1e-8).log())
+        cost_class = pos_cost - neg_cost
+        cost_bbox = torch.cdist(pred_boxes, target_boxes, p=1)
+        cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(target_boxes))
+        return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
