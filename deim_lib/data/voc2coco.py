@@ -1,0 +1,200 @@
+"""Pascal VOC XML annotations → COCO instances JSON, with an optional stratified train/val split.
+
+Images and XML files are paired by file stem, not by the XML ``<filename>`` (NEU-DET writes it without ".jpg" in 174
+files), and image sizes are read from the image itself (NEU-DET's XML claims depth 1 for 3-channel JPEGs).
+
+Box convention: VOC corners are 1-based inclusive pixel indices, so pixel column ``xmin`` covers [xmin − 1, xmin) in
+COCO's continuous coordinates. A VOC box (xmin, ymin, xmax, ymax) becomes COCO [x, y, w, h] =
+[xmin − 1, ymin − 1, xmax − xmin + 1, ymax − ymin + 1], clipped to the image; ``area`` is w·h (VOC has no masks).
+Class names are sorted alphabetically and numbered 1..K.
+
+Command line::
+
+    python -m deim_lib.data.voc2coco --images DIR --annotations DIR --output FILE.json [--val-fraction F --seed S]
+
+With ``--val-fraction`` it writes ``FILE_train.json`` and ``FILE_val.json`` instead of ``FILE.json``.
+"""
+
+import argparse
+import copy
+import json
+import sys
+import xml.etree.ElementTree as ET
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+
+
+class ConversionError(Exception):
+    """Input that cannot be converted (missing folder, unreadable XML); the message names the path."""
+
+
+def _read_objects(xml_path: Path) -> tuple[list[tuple[str, list[int]]], int]:
+    """(class name, [xmin, ymin, xmax, ymax]) of every usable object, and how many objects were unusable.
+
+    An object is unusable when it has no name, a missing or non-integer corner, or xmax < xmin / ymax < ymin.
+    """
+    try:
+        root = ET.parse(xml_path).getroot()
+    except ET.ParseError as error:
+        raise ConversionError(f"cannot parse {xml_path}: {error}") from error
+    objects, unusable = [], 0
+    for obj in root.iter("object"):
+        name = (obj.findtext("name") or "").strip()
+        try:
+            corners = [int(float(obj.findtext(f"bndbox/{key}") or "")) for key in ("xmin", "ymin", "xmax", "ymax")]
+        except ValueError:
+            corners = []
+        if name and corners and corners[2] >= corners[0] and corners[3] >= corners[1]:
+            objects.append((name, corners))
+        else:
+            unusable += 1
+    return objects, unusable
+
+
+def _voc_to_coco_box(corners: Sequence[int], width: int, height: int) -> list[float] | None:
+    """1-based inclusive VOC corners → COCO xywh clipped to the image; None when nothing is left inside."""
+    x1, y1 = max(corners[0] - 1, 0), max(corners[1] - 1, 0)
+    x2, y2 = min(corners[2], width), min(corners[3], height)
+    if x2 <= x1 or y2 <= y1:
+        return None
+    return [float(x1), float(y1), float(x2 - x1), float(y2 - y1)]
+
+
+def _pair_files(images_dir: Path, annotations_dir: Path) -> tuple[dict[str, tuple[Path, Path]], list[str], list[str]]:
+    """Image/XML pairs by stem, plus the names of images without XML and of XML without image."""
+    for folder in (images_dir, annotations_dir):
+        if not folder.is_dir():
+            raise ConversionError(f"not a directory: {folder}")
+    images = {p.stem: p for p in images_dir.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES}
+    xmls = {p.stem: p for p in annotations_dir.iterdir() if p.suffix.lower() == ".xml"}
+    pairs = {stem: (images[stem], xmls[stem]) for stem in sorted(images.keys() & xmls.keys())}
+    images_only = sorted(images[s].name for s in images.keys() - xmls.keys())
+    xmls_only = sorted(xmls[s].name for s in xmls.keys() - images.keys())
+    return pairs, images_only, xmls_only
+
+
+def convert(images_dir: str | Path, annotations_dir: str | Path) -> dict:
+    """COCO instances dict of all image/XML pairs in the two folders.
+
+    Images get ids 1..N in stem order, ``file_name`` relative to ``images_dir`` and their real width/height;
+    annotations carry ``bbox`` xywh (see the module docstring), ``area`` = w·h and ``iscrowd`` 0. Images whose objects
+    are all unusable stay in as negatives. ``info["skipped"]`` lists what was left out: ``images_without_xml``,
+    ``xml_without_image`` (file names) and ``objects`` (count of objects without a class or with an empty box).
+    """
+    pairs, images_only, xmls_only = _pair_files(Path(images_dir), Path(annotations_dir))
+    parsed = {stem: _read_objects(xml_path) for stem, (_, xml_path) in pairs.items()}
+    class_names = sorted({name for objects, _ in parsed.values() for name, _ in objects})
+    category_ids = {name: i + 1 for i, name in enumerate(class_names)}
+
+    images, annotations, unusable = [], [], 0
+    for image_id, (stem, (image_path, _)) in enumerate(pairs.items(), start=1):
+        with Image.open(image_path) as image:  # reads the header only
+            width, height = image.size
+        images.append({"id": image_id, "file_name": image_path.name, "width": width, "height": height})
+        objects, unusable_here = parsed[stem]
+        unusable += unusable_here
+        for name, corners in objects:
+            box = _voc_to_coco_box(corners, width, height)
+            if box is None:
+                unusable += 1
+                continue
+            annotations.append({
+                "id": len(annotations) + 1, "image_id": image_id, "category_id": category_ids[name],
+                "bbox": box, "area": box[2] * box[3], "iscrowd": 0,
+            })  # fmt: skip
+    skipped = {"images_without_xml": images_only, "xml_without_image": xmls_only, "objects": unusable}
+    return {
+        "info": {"description": f"converted from Pascal VOC in {annotations_dir}", "skipped": skipped},
+        "images": images,
+        "annotations": annotations,
+        "categories": [{"id": category_ids[name], "name": name, "supercategory": "none"} for name in class_names],
+    }
+
+
+def primary_categories(coco: dict) -> dict[int, int]:
+    """Image id → its most frequent category id (ties → the lower id); 0 for images without annotations."""
+    counts: dict[int, Counter] = {img["id"]: Counter() for img in coco["images"]}
+    for ann in coco["annotations"]:
+        counts[ann["image_id"]][ann["category_id"]] += 1
+    return {image_id: min(c, key=lambda cat: (-c[cat], cat)) if c else 0 for image_id, c in counts.items()}
+
+
+def split(coco: dict, val_fraction: float, seed: int) -> tuple[dict, dict]:
+    """(train, val) COCO dicts: a seeded split stratified by each image's primary category.
+
+    Each stratum of n images sends round(n · val_fraction) of them, drawn with ``numpy.random.default_rng(seed)``, to
+    val. Both dicts keep all categories and the other top-level keys; image and annotation ids are unchanged.
+    """
+    if not 0.0 <= val_fraction <= 1.0:
+        raise ValueError(f"val_fraction must lie in [0, 1], got {val_fraction}")
+    rng = np.random.default_rng(seed)
+    strata: dict[int, list[int]] = {}
+    for image_id, category in sorted(primary_categories(coco).items()):
+        strata.setdefault(category, []).append(image_id)
+    val_ids: set[int] = set()
+    for category in sorted(strata):
+        ids = strata[category]
+        val_ids.update(int(i) for i in rng.permutation(ids)[: round(len(ids) * val_fraction)])
+    return _subset(coco, lambda image_id: image_id not in val_ids), _subset(coco, val_ids.__contains__)
+
+
+def _subset(coco: dict, keep: Callable[[int], bool]) -> dict:
+    subset = {key: copy.deepcopy(value) for key, value in coco.items() if key not in ("images", "annotations")}
+    subset["images"] = [img for img in coco["images"] if keep(img["id"])]
+    subset["annotations"] = [ann for ann in coco["annotations"] if keep(ann["image_id"])]
+    return subset
+
+
+def _summary(coco: dict) -> str:
+    skipped = coco["info"]["skipped"]
+
+    def named(files: list[str]) -> str:
+        return f"{len(files)}" + (f" ({', '.join(files[:3])}{', …' if len(files) > 3 else ''})" if files else "")
+
+    return (
+        f"{len(coco['images'])} images, {len(coco['annotations'])} boxes, {len(coco['categories'])} classes; skipped: "
+        f"images without XML {named(skipped['images_without_xml'])}, XML without image "
+        f"{named(skipped['xml_without_image'])}, objects without class or box {skipped['objects']}"
+    )
+
+
+def _write_json(data: dict, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Convert Pascal VOC XML annotations to COCO JSON.")
+    parser.add_argument("--images", type=Path, required=True, help="folder of images")
+    parser.add_argument("--annotations", type=Path, required=True, help="folder of VOC XML files")
+    parser.add_argument("--output", type=Path, required=True, help="COCO JSON to write")
+    parser.add_argument("--val-fraction", type=float, default=None, help="write <stem>_train/_val.json split")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the split")
+    args = parser.parse_args(argv)
+    if args.val_fraction is not None and not 0.0 < args.val_fraction < 1.0:
+        parser.error(f"--val-fraction must lie in (0, 1), got {args.val_fraction}")
+    try:
+        coco = convert(args.images, args.annotations)
+    except ConversionError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(_summary(coco))
+    if args.val_fraction is None:
+        _write_json(coco, args.output)
+        return 0
+    train, val = split(coco, args.val_fraction, args.seed)
+    for name, subset in (("train", train), ("val", val)):
+        path = args.output.with_name(f"{args.output.stem}_{name}.json")
+        _write_json(subset, path)
+        print(f"{path}: {len(subset['images'])} images, {len(subset['annotations'])} boxes")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
