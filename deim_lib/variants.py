@@ -89,7 +89,9 @@ def _hgnetv2_variant(name, backbone, encoder, decoder, eval_size, matcher_change
 
 
 def _vit_variant(name, backbone, encoder, decoder, matcher_change_epoch, backbone_lr, wd):
-    return Variant(name, backbone, encoder, decoder, (640, 640), True, True, matcher_change_epoch, 5e-4, backbone_lr, wd)
+    return Variant(
+        name, backbone, encoder, decoder, (640, 640), True, True, matcher_change_epoch, 5e-4, backbone_lr, wd
+    )
 
 
 _S8_16_32 = (8, 16, 32)
@@ -101,77 +103,103 @@ VARIANTS: dict[str, Variant] = {
         HGNetv2Config("Atto", (2,), use_lab=True),
         LiteEncoderConfig((256,), (16,), 64, 0.34, 0.5),
         DecoderConfig(64, 100, (64, 64), _S16_32, (4, 2), 3, 160, use_gateway=False, share_bbox_head=True),
-        (320, 320), 450, (2e-3, 1e-3), local=False,
+        (320, 320),
+        450,
+        (2e-3, 1e-3),
+        local=False,
     ),
     "femto": _hgnetv2_variant(
         "femto",
         HGNetv2Config("Femto", (2,), use_lab=True),
         LiteEncoderConfig((512,), (16,), 96, 0.34, 0.5),
         DecoderConfig(96, 150, (96, 96), _S16_32, (4, 2), 3, 256, use_gateway=False, share_bbox_head=True),
-        (416, 416), 450, (1.6e-3, 8e-4), local=False,
+        (416, 416),
+        450,
+        (1.6e-3, 8e-4),
+        local=False,
     ),
     "pico": _hgnetv2_variant(
         "pico",
         HGNetv2Config("Pico", (2,), use_lab=True),
         LiteEncoderConfig((512,), (16,), 112, 0.34, 0.5),
         DecoderConfig(112, 200, (112, 112), _S16_32, (4, 2), 3, 320, use_gateway=False, share_bbox_head=True),
-        (640, 640), 450, (1.6e-3, 8e-4), local=False,
+        (640, 640),
+        450,
+        (1.6e-3, 8e-4),
+        local=False,
     ),
     "n": _hgnetv2_variant(
         "n",
         HGNetv2Config("B0", (2, 3), use_lab=True),
         HybridEncoderConfig((512, 1024), _S16_32, 128, 512, 0.34, 0.5, "dfine"),
         DecoderConfig(128, 300, (128, 128), _S16_32, (6, 6), 3, 512, use_gateway=True, share_bbox_head=False),
-        (640, 640), 136, (8e-4, 4e-4),
+        (640, 640),
+        136,
+        (8e-4, 4e-4),
     ),
     "s": _vit_variant(
         "s",
         ViTAdapterConfig("vit_tiny", (3, 7, 11), 16, 192, embed_dim=192, num_heads=3),
         HybridEncoderConfig((192,) * 3, _S8_16_32, 192, 512, 0.34, 0.67, "deim"),
         DecoderConfig(192, 300, (192,) * 3, _S8_16_32, (3, 6, 3), 4, 512, use_gateway=True, share_bbox_head=False),
-        100, 2.5e-5, 1e-4,
+        100,
+        2.5e-5,
+        1e-4,
     ),
     "m": _vit_variant(
         "m",
         ViTAdapterConfig("vit_tinyplus", (3, 7, 11), 16, 256, embed_dim=256, num_heads=4),
         HybridEncoderConfig((256,) * 3, _S8_16_32, 256, 512, 0.67, 1.0, "deim"),
         DecoderConfig(256, 300, (256,) * 3, _S8_16_32, (3, 6, 3), 4, 512, use_gateway=True, share_bbox_head=False),
-        80, 2.5e-5, 1e-4,
+        80,
+        2.5e-5,
+        1e-4,
     ),
     "l": _vit_variant(
         "l",
         ViTAdapterConfig("dinov3_vits16", (5, 8, 11), 32, 224),
         HybridEncoderConfig((224,) * 3, _S8_16_32, 224, 896, 1.0, 1.0, "deim"),
         DecoderConfig(224, 300, (224,) * 3, _S8_16_32, (3, 6, 3), 4, 1792, use_gateway=True, share_bbox_head=False),
-        50, 1.25e-5, 1.25e-4,
+        50,
+        1.25e-5,
+        1.25e-4,
     ),
     "x": _vit_variant(
         "x",
         ViTAdapterConfig("dinov3_vits16plus", (5, 8, 11), 64, 256),
         HybridEncoderConfig((256,) * 3, _S8_16_32, 256, 1024, 1.25, 1.37, "deim"),
         DecoderConfig(256, 300, (256,) * 3, _S8_16_32, (3, 6, 3), 6, 2048, use_gateway=True, share_bbox_head=False),
-        45, 1e-5, 1.25e-4,
+        45,
+        1e-5,
+        1.25e-4,
     ),
     "hgnetv2_s": _hgnetv2_variant(
         "hgnetv2_s",
         HGNetv2Config("B0", (1, 2, 3), use_lab=True),
         HybridEncoderConfig((256, 512, 1024), _S8_16_32, 256, 1024, 0.5, 0.34, "dfine"),
         DecoderConfig(256, 300, (256,) * 3, _S8_16_32, (3, 6, 3), 3, 2048, use_gateway=True, share_bbox_head=False),
-        (640, 640), 100, (4e-4, 2e-4),
+        (640, 640),
+        100,
+        (4e-4, 2e-4),
     ),
     "hgnetv2_m": _hgnetv2_variant(
         "hgnetv2_m",
         HGNetv2Config("B2", (1, 2, 3), use_lab=True),
         HybridEncoderConfig((384, 768, 1536), _S8_16_32, 256, 1024, 1.0, 0.67, "deim"),
         DecoderConfig(256, 300, (256,) * 3, _S8_16_32, (3, 6, 3), 4, 2048, use_gateway=True, share_bbox_head=False),
-        (640, 640), 80, (4e-4, 4e-5),
+        (640, 640),
+        80,
+        (4e-4, 4e-5),
     ),
     "hgnetv2_l": _hgnetv2_variant(
         "hgnetv2_l",
         HGNetv2Config("B4", (1, 2, 3), use_lab=False),
         HybridEncoderConfig((512, 1024, 2048), _S8_16_32, 256, 1024, 1.0, 1.0, "deim"),
         DecoderConfig(256, 300, (256,) * 3, _S8_16_32, (3, 6, 3), 6, 2048, use_gateway=True, share_bbox_head=False),
-        (640, 640), 45, (5e-4, 2.5e-5), wd=1.25e-4,
+        (640, 640),
+        45,
+        (5e-4, 2.5e-5),
+        wd=1.25e-4,
     ),
     "hgnetv2_x": _hgnetv2_variant(
         "hgnetv2_x",
@@ -181,7 +209,10 @@ VARIANTS: dict[str, Variant] = {
         DecoderConfig(
             256, 300, (384,) * 3, _S8_16_32, (3, 6, 3), 6, 2048, use_gateway=True, share_bbox_head=False, reg_scale=8
         ),
-        (640, 640), 45, (5e-4, 5e-6), wd=1.25e-4,
+        (640, 640),
+        45,
+        (5e-4, 5e-6),
+        wd=1.25e-4,
     ),
 }
 
