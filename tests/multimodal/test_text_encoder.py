@@ -1,0 +1,170 @@
+"""TextEncoder, class-embedding averaging, the on-disk cache and precomputed embeddings."""
+
+import json
+
+import huggingface_hub.constants
+import numpy as np
+import open_clip
+import pytest
+import torch
+import torch.nn.functional as F
+
+from multimodal.text_encoder import (
+    TextEmbeddings,
+    TextEncoder,
+    TextEncoderError,
+    build_prompts,
+    cache_key,
+    load_precomputed,
+    load_text_embeddings,
+)
+from tests.conftest import REFERENCE_DIR
+
+COCO_CLIP = REFERENCE_DIR.parent / "clip" / "coco_clip_a+cname.npy"
+CLASS_PROMPTS = {
+    "scratches": ["fine parallel scratches on a steel surface", "long thin lines"],
+    "inclusion": ["dark spots embedded in a steel surface"],
+}
+TEMPLATES = ["a photo of {}.", "{}"]
+
+
+@pytest.fixture(scope="module")
+def encoder() -> TextEncoder:
+    return TextEncoder("ViT-B-32", pretrained=None)
+
+
+@pytest.fixture
+def create_model_calls(monkeypatch, encoder) -> list[tuple[str, torch.Tensor]]:
+    """Records every open_clip model build: the name and a draw from the RNG the build would initialise from.
+
+    It hands back the module's already built model instead of building another one (same name, same seed).
+    """
+    calls = []
+
+    def spy(name, *args, **kwargs):
+        calls.append((name, torch.rand(4)))
+        return encoder.model
+
+    monkeypatch.setattr(open_clip, "create_model", spy)
+    return calls
+
+
+def test_encoder_is_frozen_text_only_and_stays_in_eval_mode(encoder):
+    encoder.train()
+    assert not encoder.training and not any(module.training for module in encoder.modules())
+    assert all(not p.requires_grad for p in encoder.parameters())
+    assert encoder.model.visual is None
+    out = encoder(["a cat", "a dog", "a steel plate"])
+    assert out.shape == (3, 512) and out.dtype == torch.float32 and not out.requires_grad
+    torch.testing.assert_close(out.norm(dim=-1), torch.ones(3))
+
+
+def test_prompts_are_every_description_in_every_template():
+    prompts = build_prompts({"a": ["x {y}", "z"]}, ["photo of {}", "{}!"])
+    assert prompts == {"a": ["photo of x {y}", "x {y}!", "photo of z", "z!"]}
+
+
+@pytest.mark.parametrize(
+    ("class_prompts", "templates"),
+    [({}, ["{}"]), ({"a": []}, ["{}"]), ({"a": "just a string"}, ["{}"]), ({"a": ["x"]}, ["no slot"])],
+)
+def test_invalid_prompts_raise_text_encoder_error(class_prompts, templates):
+    with pytest.raises(TextEncoderError):
+        build_prompts(class_prompts, templates)
+
+
+def test_class_embedding_is_normalised_mean_of_normalised_prompt_embeddings(encoder):
+    prompts = build_prompts(CLASS_PROMPTS, TEMPLATES)
+    result = encoder.encode_classes(prompts)
+    assert result.shape == (2, 512) and result.dtype == torch.float32
+    scratches, inclusion = encoder(prompts["scratches"] + prompts["inclusion"]).split([4, 2])
+    for row, prompt_embeddings in zip(result, [scratches, inclusion], strict=True):
+        expected = F.normalize(F.normalize(prompt_embeddings, dim=-1).mean(dim=0), dim=0)
+        torch.testing.assert_close(row, expected, rtol=0, atol=1e-6)
+    assert not torch.allclose(result[0], F.normalize(scratches[0], dim=0))  # several prompts really are averaged
+
+
+def test_cache_hit_does_not_build_the_model_and_a_changed_description_recomputes(tmp_path, create_model_calls):
+    rng_before = torch.random.get_rng_state()
+    first = load_text_embeddings(CLASS_PROMPTS, TEMPLATES, "ViT-B-32", None, cache_dir=tmp_path)
+    assert [name for name, _ in create_model_calls] == ["ViT-B-32"]
+    assert torch.equal(torch.random.get_rng_state(), rng_before)  # the seeded random init left the caller's RNG alone
+
+    second = load_text_embeddings(CLASS_PROMPTS, TEMPLATES, "ViT-B-32", None, cache_dir=tmp_path)
+    assert len(create_model_calls) == 1
+    assert torch.equal(second.embeddings, first.embeddings)
+    assert second.class_names == ["scratches", "inclusion"]
+    assert second.prompts == build_prompts(CLASS_PROMPTS, TEMPLATES)
+    assert "ViT-B-32" in second.source and "random-init" in second.source
+
+    changed = {**CLASS_PROMPTS, "scratches": ["deep scratches"]}
+    assert cache_key(changed, TEMPLATES, "ViT-B-32", None) != cache_key(CLASS_PROMPTS, TEMPLATES, "ViT-B-32", None)
+    third = load_text_embeddings(changed, TEMPLATES, "ViT-B-32", None, cache_dir=tmp_path)
+    assert len(create_model_calls) == 2
+    # Both builds initialise from the same seeded generator, so random weights are reproducible.
+    assert torch.equal(create_model_calls[0][1], create_model_calls[1][1])
+    assert len(list(tmp_path.glob("text_embeddings_*.pt"))) == 2
+    assert not torch.allclose(third.embeddings[0], first.embeddings[0])
+    torch.testing.assert_close(third.embeddings[1], first.embeddings[1], rtol=0, atol=1e-6)
+
+
+def test_cache_key_depends_on_weights_file_identity_and_class_order(tmp_path):
+    weights = tmp_path / "weights.pt"
+    weights.write_bytes(b"0")
+    file_key = cache_key(CLASS_PROMPTS, TEMPLATES, "ViT-B-32", str(weights))
+    weights.write_bytes(b"01")  # size (and mtime) change: a retrained file must not reuse the entry
+    assert cache_key(CLASS_PROMPTS, TEMPLATES, "ViT-B-32", str(weights)) != file_key
+    reordered = dict(reversed(CLASS_PROMPTS.items()))
+    assert cache_key(reordered, TEMPLATES, "ViT-B-32", None) != cache_key(CLASS_PROMPTS, TEMPLATES, "ViT-B-32", None)
+    assert cache_key(CLASS_PROMPTS, TEMPLATES, "ViT-B-32", "openai") != cache_key(
+        CLASS_PROMPTS, TEMPLATES, "ViT-B-32", None
+    )
+
+
+def test_offline_hub_tag_raises_one_line_error_with_the_fix(monkeypatch):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(TextEncoderError) as info:
+        TextEncoder("ViT-B-32", pretrained="openai")
+    message = str(info.value)
+    assert "\n" not in message and "'openai'" in message
+    assert "set text_encoder.pretrained to a local weights file, or null for random weights" in message
+    assert info.value.__cause__ is None and info.value.__suppress_context__
+
+
+@pytest.mark.parametrize(("model_name", "pretrained"), [("ViT-B-32", "/no/such/weights.pt"), ("NoSuchModel", None)])
+def test_missing_weights_file_or_unknown_model_raises_text_encoder_error(model_name, pretrained):
+    with pytest.raises(TextEncoderError, match=model_name):
+        TextEncoder(model_name, pretrained=pretrained)
+
+
+def test_text_embeddings_round_trip_through_a_weights_only_checkpoint(tmp_path):
+    original = TextEmbeddings(torch.randn(2, 8), ["a", "b"], {"a": ["x"], "b": ["y", "z"]}, "test")
+    torch.save({"text_embeddings": original.to_dict()}, tmp_path / "ckpt.pt")
+    loaded = TextEmbeddings.from_dict(torch.load(tmp_path / "ckpt.pt", weights_only=True)["text_embeddings"])
+    assert torch.equal(loaded.embeddings, original.embeddings)
+    assert (loaded.class_names, loaded.prompts, loaded.source) == (original.class_names, original.prompts, "test")
+
+
+def coco_class_names(datasets_dir) -> list[str]:
+    with open(datasets_dir / "coco-tiny" / "annotations" / "instances_val2017.json") as f:
+        categories = json.load(f)["categories"]
+    return [category["name"] for category in sorted(categories, key=lambda c: c["id"])]
+
+
+def test_precomputed_coco_clip_embeddings_are_normalised_rows_of_the_file(datasets_dir, create_model_calls):
+    names = coco_class_names(datasets_dir)
+    result = load_text_embeddings({name: [f"a {name}"] for name in names}, precomputed=COCO_CLIP)
+    raw = torch.from_numpy(np.load(COCO_CLIP)).float()
+    assert create_model_calls == []
+    assert result.embeddings.shape == (80, 512) and result.embeddings.dtype == torch.float32
+    torch.testing.assert_close(result.embeddings.norm(dim=-1), torch.ones(80))
+    torch.testing.assert_close(result.embeddings * raw.norm(dim=-1, keepdim=True), raw)
+    assert result.class_names == names and str(COCO_CLIP) in result.source
+
+
+def test_precomputed_row_count_mismatch_is_a_one_line_error(tmp_path):
+    path = tmp_path / "three.pt"
+    torch.save(torch.randn(3, 16), path)
+    assert load_precomputed(path, ["a", "b", "c"]).embeddings.shape == (3, 16)
+    with pytest.raises(TextEncoderError, match="3 rows but there are 2 classes"):
+        load_precomputed(path, ["a", "b"])
