@@ -1,0 +1,372 @@
+"""Progressive multimodal fine-tuning of a DEIMv2 detector: one explicit training loop, phase by phase.
+
+Phases: 0 trains the base detector without text (skip it when you have a converged official checkpoint);
+1 trains only the text fusion (LR 2e-4); 2 adds the class heads (5e-5); 3 (optional) the whole decoder (2e-5).
+The backbone never trains after phase 0. Every phase starts from the previous phase's best weights.
+
+    python train_progressive.py --config configs/neu_det.yaml --phase 1 --init deimv2_s_defects.pth
+    python train_progressive.py --config configs/neu_det.yaml --phase 2   # picks up checkpoints/phase1_best.pth
+    python train_progressive.py --config configs/neu_det.yaml --phase 2 --resume checkpoints/phase2_last.pth
+    torchrun --nproc_per_node=4 train_progressive.py --config configs/neu_det.yaml --phase 1 --init base.pth
+    python train_progressive.py --config configs/demo.yaml --phase all    # the CPU demo, phases 0 → 3
+"""
+
+import argparse
+import json
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from deim_lib import PostProcessor, build_criterion, build_detector
+from deim_lib.checkpoint import CheckpointError, load_detector_state
+from deim_lib.data.dataset import DatasetError
+from deim_lib.evaluate import evaluate_detector
+from deim_lib.variants import get_variant
+from multimodal.checkpointing import (
+    StartPoint,
+    atomic_save,
+    phase_checkpoint_path,
+    resolve_start,
+    rng_state,
+    set_rng_state,
+    training_checkpoint,
+)
+from multimodal.config import ConfigError, PhaseConfig, TrainConfig, config_to_dict, load_config
+from multimodal.distributed import (
+    DeviceError,
+    barrier,
+    broadcast_object,
+    cleanup_distributed,
+    setup_distributed,
+    unwrap,
+)
+from multimodal.loaders import build_datasets, build_train_loader, build_val_loader, prepare_synthetic_data
+from multimodal.model import MultimodalDetector, attach_text, detector_parts, load_weights, split_state
+from multimodal.monitor import ForgettingMonitor
+from multimodal.optimization import ModelEMA, build_optimizer, lr_factor, set_lr
+from multimodal.phases import apply_phase, constant_parameters
+from multimodal.text_encoder import TextEmbeddings, TextEncoderError, load_text_embeddings
+
+
+class TrainingError(RuntimeError):
+    """The run had to stop (e.g. repeated non-finite losses); the message says what was kept."""
+
+
+USER_ERRORS = (ConfigError, CheckpointError, DatasetError, TextEncoderError, DeviceError, TrainingError, OSError)
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", required=True, help="YAML file (values only; see multimodal/config.py)")
+    parser.add_argument("--phase", required=True, choices=["0", "1", "2", "3", "all"])
+    parser.add_argument("--init", help="weights to start from: an official DEIMv2 .pth or a checkpoint of ours")
+    parser.add_argument("--resume", help="phaseN_last.pth to continue, or a phase N-1 checkpoint to start phase N")
+    parser.add_argument("--output-dir", default="checkpoints")
+    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
+    parser.add_argument("--eval-only", action="store_true", help="evaluate the starting weights and exit")
+    return parser.parse_args(argv)
+
+
+@dataclass
+class Run:
+    """What every phase of one invocation shares (built once in ``main``)."""
+
+    config: TrainConfig
+    output_dir: Path
+    device: torch.device
+    is_main: bool
+    rank: int
+    world_size: int
+    seed: int
+    class_names: list[str]
+    image_size: int
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            tqdm.write(message)
+
+
+def train_one_epoch(model, criterion, loader, optimizer, ema, run: Run, phase: PhaseConfig, state: dict, save_fn):
+    """One pass over ``loader``; ``state`` holds the phase's global step and non-finite counters (updated in place).
+
+    Returns the epoch's mean losses, or None when too many non-finite losses in a row ask the run to stop.
+    """
+    total_steps = phase.epochs * len(loader.batch_sampler)
+    use_amp = phase.amp and run.device.type == "cuda"
+    sums, count, seen, rate, start = {}, 0, 0, 0.0, time.perf_counter()
+    bar = tqdm(loader, desc=f"epoch {state['epoch']}", disable=not run.is_main, leave=False)
+    for images, targets in bar:
+        images = images.to(run.device, non_blocking=True)
+        targets = [{k: v.to(run.device, non_blocking=True) for k, v in t.items()} for t in targets]
+        factor = lr_factor(
+            state["step"], total_steps, phase.warmup_iters, phase.scheduler, phase.flat_fraction, phase.min_lr_ratio
+        )
+        set_lr(optimizer, factor)
+        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_amp):
+            outputs = model(images, targets)
+        losses = criterion(outputs, targets, epoch=state["epoch"])  # DEIMv2 computes its loss in float32
+        loss = sum(losses.values())
+
+        optimizer.zero_grad(set_to_none=True)
+        if not torch.isfinite(loss):
+            state["nonfinite_in_a_row"] += 1
+            state["nonfinite_total"] += 1
+            if state["nonfinite_in_a_row"] >= state["max_nonfinite"]:
+                return None
+            continue
+        state["nonfinite_in_a_row"] = 0
+        loss.backward()
+        if phase.grad_clip > 0:
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            torch.nn.utils.clip_grad_norm_(params, phase.grad_clip)
+        optimizer.step()
+        if ema is not None:
+            ema.update(unwrap(model))
+        state["step"] += 1
+        state["batch"] += 1
+
+        count += 1
+        seen += len(images) * run.world_size
+        for name, value in (("loss", loss), *losses.items()):
+            sums[name] = sums.get(name, 0.0) + value.detach()  # stays on the device: no sync per term
+        rate = seen / (time.perf_counter() - start)
+        if count % 10 == 1:
+            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{rate:.1f}")
+        if phase.checkpoint_every_steps and state["step"] % phase.checkpoint_every_steps == 0:
+            save_fn()
+    return {name: float(value) / max(1, count) for name, value in sums.items()} | {"images_per_s": rate}
+
+
+def save_checkpoint(path: Path, model, ema, optimizer, index: int, state: dict, run: Run, extra: dict) -> None:
+    """Everything exact resume needs, with the detector under the official ``model`` / ``ema.module`` keys."""
+    if not run.is_main:
+        return
+    detector_state, fusion_state = split_state(model.state_dict())
+    contents = {"model": detector_state, "last_epoch": state["epoch"] - 1, "phase": index, "step": state["step"]}
+    if fusion_state:
+        contents["fusion"] = fusion_state
+    if ema is not None:
+        ema_detector, ema_fusion = split_state(ema.module.state_dict())
+        contents["ema"] = {"module": ema_detector, "updates": ema.updates}
+        if ema_fusion:
+            contents["fusion_ema"] = ema_fusion
+    contents |= {"optimizer": optimizer.state_dict(), "state": dict(state), "rng": rng_state()}
+    contents |= {"config": config_to_dict(run.config), "variant": run.config.model.variant}
+    contents |= {"class_names": run.class_names, "image_size": run.image_size, **extra}
+    atomic_save(training_checkpoint(**contents), path)
+
+
+def resume_phase(start: StartPoint, model, ema, optimizer, state: dict) -> tuple[list, float | None]:
+    """Restore a phaseN_last.pth exactly: weights, EMA, optimiser, counters, RNG; returns (history, best)."""
+    checkpoint = start.resume
+    load_weights(model, checkpoint["model"], checkpoint.get("fusion"), "--resume")
+    if ema is not None and "ema" in checkpoint:
+        load_weights(ema.module, checkpoint["ema"]["module"], checkpoint.get("fusion_ema"), "--resume (EMA)")
+        ema.updates = checkpoint["ema"]["updates"]
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"--resume: optimizer state does not fit this phase's parameters ({error})") from None
+    state.update(checkpoint["state"])
+    set_rng_state(checkpoint["rng"])
+    return checkpoint["history"], checkpoint["best_metric"]
+
+
+def evaluate(model, run: Run, val: tuple) -> dict:
+    val_loader, val_dataset, postprocessor = val
+    metrics, _ = evaluate_detector(
+        model, postprocessor, val_loader, run.device, val_dataset.category_ids, val_dataset.coco, progress=run.is_main
+    )
+    return metrics
+
+
+def run_phase(index: int, model, constants, start: StartPoint, run: Run, monitor: ForgettingMonitor, val, text) -> None:
+    """Train one phase: freeze, optimiser and EMA over the trainable parts, epochs of train → evaluate → save."""
+    phase, variant = run.config.phase(index), get_variant(run.config.model.variant)
+    multimodal = isinstance(model, MultimodalDetector)
+    parts = model.parts() if multimodal else detector_parts(model)
+    decoder = model.detector.decoder if multimodal else model.decoder
+    output_switches = (decoder, decoder.decoder)
+    policy = apply_phase(model, parts, phase.trainable, constants)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    run.log(f"phase {index}: training {phase.trainable} ({trainable:,} parameters), lr {phase.lr:g}")
+
+    optimizer = build_optimizer(parts, phase.trainable, phase.lr, phase.weight_decay,
+                                variant.backbone_lr / variant.base_lr, fused=run.device.type == "cuda")  # fmt: skip
+    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
+    ema = None
+    if phase.ema:
+        tracked = [name for name in tensors if name not in policy.frozen_tensors]
+        ema = ModelEMA(model, tracked, phase.ema_decay, phase.ema_warmups)
+    state = {"epoch": 0, "step": 0, "batch": 0, "nonfinite_in_a_row": 0, "nonfinite_total": 0}
+    state["max_nonfinite"] = run.config.monitor.max_nonfinite_steps
+    history, best = resume_phase(start, model, ema, optimizer, state) if start.resume else ([], None)
+    net = model
+    if run.world_size > 1:
+        device_ids = [run.device.index] if run.device.type == "cuda" else None
+        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+    criterion = build_criterion(variant.name, len(run.class_names)).to(run.device)
+    train_dataset = build_datasets(run.config.data, variant, run.image_size, phase.augmentation)[0]
+    eval_model = ema.module if ema is not None else model
+
+    if index >= 1 and monitor.baseline is None:
+        metrics = evaluate(model, run, val)  # the multimodal model equals its base detector before training
+        if run.is_main:
+            monitor.save_baseline(metrics, f"start of phase {index}")
+        run.log(f"baseline (base detector): AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}")
+
+    text = {"text_embeddings": text.to_dict()} if text is not None else {}
+    last_path, best_path = (phase_checkpoint_path(run.output_dir, index, kind) for kind in ("last", "best"))
+
+    def save(path: Path, finished: bool = False) -> None:
+        extra = {"history": history, "best_metric": best, "finished": finished, **text}
+        save_checkpoint(path, model, ema, optimizer, index, state, run, extra)
+
+    for epoch in range(state["epoch"], phase.epochs):
+        state["epoch"] = epoch
+        loader, sampler = build_train_loader(
+            train_dataset, run.config.data.batch_size // run.world_size, run.config.data.num_workers, run.seed,
+            epoch, phase.augmentation, variant, run.image_size, run.rank, run.world_size,
+        )  # fmt: skip
+        sampler.start = state["batch"]
+        policy.set_train_mode(net, output_switches)
+        stats = train_one_epoch(net, criterion, loader, optimizer, ema, run, phase, state, lambda: save(last_path))
+        if stats is None:
+            raise TrainingError(
+                f"phase {index}: {state['max_nonfinite']} non-finite losses in a row at step {state['step']}; "
+                f"stopped, the last good checkpoint {last_path} is kept (lower phase{index}.lr?)"
+            )
+        state["epoch"], state["batch"] = epoch + 1, 0
+        metrics = evaluate(eval_model, run, val)
+        gates = model.fusion.gate_values() if multimodal else []
+        record = monitor.record(index, epoch, metrics, gates, stats) if run.is_main else {}
+        history.append({"epoch": epoch, "AP": metrics["AP"], "AP50": metrics["AP50"]})
+        score = metrics[run.config.monitor.best_metric]
+        improved = best is None or score > best
+        best = score if improved else best
+        save(last_path)
+        if improved:
+            save(best_path)
+        delta = f"  ΔAP {record['delta_AP']:+.4f}" if "delta_AP" in record else ""
+        run.log(
+            f"phase {index} epoch {epoch}: loss {stats.get('loss', float('nan')):.4f}  AP {metrics['AP']:.4f}  "
+            f"AP50 {metrics['AP50']:.4f}{delta}  {stats['images_per_s']:.1f} img/s"
+            + (f"  gates {[round(g, 4) for g in gates]}" if gates else "")
+            + (f"  non-finite steps {state['nonfinite_total']}" if state["nonfinite_total"] else "")
+        )
+        if run.is_main and monitor.exceeded(record):
+            run.log(f"warning: AP fell {-record['delta_AP']:.4f} below the base (max_ap_drop {monitor.max_ap_drop})")
+            if run.config.monitor.on_drop == "stop":
+                run.log(f"phase {index} stopped by the forgetting guard; {best_path} keeps the best weights")
+                break
+    checked = policy.verify_frozen(model)
+    run.log(f"phase {index} done: {checked} frozen tensors verified bit-identical")
+    save(last_path, finished=True)
+    if run.is_main:
+        monitor.write_report(report_notes(run.config))
+
+
+def report_notes(config: TrainConfig) -> list[str]:
+    text = config.text_encoder
+    if text.precomputed:
+        return [f"Text embeddings: precomputed file {text.precomputed}."]
+    if text.pretrained is None:
+        return [f"Text embeddings: open_clip {text.model} with RANDOM weights (text_encoder.pretrained: null)."]
+    return [f"Text embeddings: open_clip {text.model}, weights {text.pretrained}."]
+
+
+def class_text_embeddings(run: Run, start: StartPoint) -> TextEmbeddings:
+    """The start point's cached embeddings when they describe the same classes, else computed (once, on rank 0)."""
+    if start.text_embeddings is not None and start.text_embeddings["class_names"] == run.class_names:
+        run.log("text embeddings: taken from the checkpoint (no text model needed)")
+        return TextEmbeddings.from_dict(start.text_embeddings)
+    text = run.config.text_encoder
+    prompts = dict(run.config.data.classes) or {name: [name] for name in run.class_names}
+    result = None
+    if run.is_main:
+        cache_dir = Path(text.cache_dir) if text.cache_dir else run.output_dir / "text_cache"
+        result = load_text_embeddings(prompts, text.templates, text.model, text.pretrained, cache_dir, text.precomputed)
+        run.log(f"text embeddings: {result.source}, {tuple(result.embeddings.shape)}")
+        if text.pretrained is None and text.precomputed is None:
+            run.log("note: the CLIP text tower has RANDOM weights (text_encoder.pretrained: null); set it to 'openai'")
+    return TextEmbeddings.from_dict(broadcast_object(result.to_dict() if result else None))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        # Config, distributed context, output directory, seeds.
+        config = load_config(args.config, args.set)
+        context = setup_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        output_dir = Path(args.output_dir)
+        output_dir.mkdir(parents=True, exist_ok=True)
+        if not os.access(output_dir, os.W_OK):
+            raise OSError(f"{output_dir}: output directory is not writable; pass --output-dir DIR")
+        random.seed(args.seed + context.rank)
+        np.random.seed(args.seed + context.rank)
+        torch.manual_seed(args.seed + context.rank)
+
+        # Data: the validation set fixes the class list; training sets are built per phase (augmentation differs).
+        if context.is_main and prepare_synthetic_data(config.data):
+            tqdm.write(f"generated the synthetic defect dataset in {config.data.synthetic_dir}")
+        barrier()
+        variant = get_variant(config.model.variant)
+        image_size = config.model.image_size or variant.eval_size[0]
+        val_dataset = build_datasets(config.data, variant, image_size, "finetune")[1]
+        run = Run(config, output_dir, context.device, context.is_main, context.rank, context.world_size, args.seed,
+                  val_dataset.class_names, image_size)  # fmt: skip
+        run.log(f"config: {json.dumps(config_to_dict(config))}")
+        val_loader = build_val_loader(val_dataset, config.data.val_batch_size, config.data.num_workers,
+                                      context.rank, context.world_size)  # fmt: skip
+        val = (val_loader, val_dataset, PostProcessor(len(run.class_names)))
+
+        # Model: the DEIMv2 detector; phases ≥ 1 wrap it with the text fusion.
+        detector = build_detector(variant.name, len(run.class_names), eval_size=(image_size, image_size))
+        constants = constant_parameters(detector)
+        model, text = detector, None
+        monitor = ForgettingMonitor(output_dir, config.monitor.max_ap_drop)
+        phases = [0, 1, 2, 3] if args.phase == "all" else [int(args.phase)]
+        for position, index in enumerate(phases):
+            first = position == 0
+            start = resolve_start(index, args.resume if first else None, args.init if first else None, output_dir,
+                                  config.model.weights)  # fmt: skip
+            run.log(f"phase {index}: starting from {start.description}")
+            if index >= 1 and text is None:
+                text = class_text_embeddings(run, start)
+                model = attach_text(detector, text.embeddings, config.fusion.num_heads,
+                                    config.fusion.text_aware_classification)  # fmt: skip
+            if start.detector_state is not None:
+                reset = load_detector_state(detector, start.detector_state, start.description,
+                                            config.model.reinit_class_heads)  # fmt: skip
+                if reset:
+                    run.log(f"re-initialised for the new class count: {', '.join(reset)}")
+            elif start.resume is None and config.model.pretrained_backbone:
+                detector.backbone.load_pretrained(config.model.pretrained_backbone)
+            if start.fusion_state is not None and model is not detector:
+                load_weights(model, None, start.fusion_state, start.description)
+            model.to(context.device)
+            if args.eval_only:
+                metrics = evaluate(model, run, val)
+                run.log(json.dumps({key: metrics[key] for key in metrics if key != "per_class"}, indent=1))
+                return 0
+            run_phase(index, model, constants, start, run, monitor, val, text)
+        run.log("\n" + monitor.summary_table())
+        return 0
+    except USER_ERRORS as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    finally:
+        cleanup_distributed()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
