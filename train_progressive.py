@@ -308,9 +308,14 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.set)
         context = setup_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         output_dir = Path(args.output_dir)
-        output_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise OSError(
+                f"{output_dir}: cannot create the output directory ({error.strerror}); pass --output-dir"
+            ) from None
         if not os.access(output_dir, os.W_OK):
-            raise OSError(f"{output_dir}: output directory is not writable; pass --output-dir DIR")
+            raise OSError(f"{output_dir}: the output directory is not writable; pass another --output-dir")
         random.seed(args.seed + context.rank)
         np.random.seed(args.seed + context.rank)
         torch.manual_seed(args.seed + context.rank)
@@ -340,10 +345,6 @@ def main(argv: list[str] | None = None) -> int:
             start = resolve_start(index, args.resume if first else None, args.init if first else None, output_dir,
                                   config.model.weights)  # fmt: skip
             run.log(f"phase {index}: starting from {start.description}")
-            if index >= 1 and text is None:
-                text = class_text_embeddings(run, start)
-                model = attach_text(detector, text.embeddings, config.fusion.num_heads,
-                                    config.fusion.text_aware_classification)  # fmt: skip
             if start.detector_state is not None:
                 reset = load_detector_state(detector, start.detector_state, start.description,
                                             config.model.reinit_class_heads)  # fmt: skip
@@ -351,6 +352,10 @@ def main(argv: list[str] | None = None) -> int:
                     run.log(f"re-initialised for the new class count: {', '.join(reset)}")
             elif start.resume is None and config.model.pretrained_backbone:
                 detector.backbone.load_pretrained(config.model.pretrained_backbone)
+            if index >= 1 and text is None:
+                text = class_text_embeddings(run, start)
+                model = attach_text(detector, text.embeddings, config.fusion.num_heads,
+                                    config.fusion.text_aware_classification)  # fmt: skip
             if start.fusion_state is not None and model is not detector:
                 load_weights(model, None, start.fusion_state, start.description)
             model.to(context.device)

@@ -67,8 +67,16 @@ def _is_class_head(key: str) -> bool:
     return key.startswith(CLASS_HEAD_PREFIXES)
 
 
+# The anchor grid depends on the input size, the class heads on the class count: neither identifies a variant.
+_SIZE_DEPENDENT = ("decoder.anchors", "decoder.valid_mask")
+
+
 def _shape_signature(state_dict: dict[str, Tensor]) -> dict[str, tuple[int, ...]]:
-    return {key: tuple(value.shape) for key, value in state_dict.items() if not _is_class_head(key)}
+    return {
+        key: tuple(value.shape)
+        for key, value in state_dict.items()
+        if not _is_class_head(key) and key not in _SIZE_DEPENDENT
+    }
 
 
 def guess_variant(state_dict: dict[str, Tensor]) -> str | None:
@@ -96,6 +104,12 @@ def load_detector_state(
         looks_like = guess_variant(state_dict)
         hint = f"its keys look like variant {looks_like!r}" if looks_like else "its keys match no DEIMv2 variant"
         raise CheckpointError(f"{source}: checkpoint does not fit variant {model.variant!r}; {hint}")
+    anchors = "decoder.anchors"
+    if state_dict[anchors].shape != expected[anchors].shape:
+        raise CheckpointError(
+            f"{source}: checkpoint was made for another input size ({state_dict[anchors].shape[1]} anchor positions, "
+            f"the model has {expected[anchors].shape[1]}); set model.image_size to the size it was trained at"
+        )
 
     found_classes = checkpoint_num_classes(state_dict)
     if found_classes != model.num_classes and not reinit_class_heads:

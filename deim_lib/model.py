@@ -124,4 +124,11 @@ def build_detector(variant: str, num_classes: int, eval_size: tuple[int, int] | 
         if any(side % 32 for side in eval_size):
             raise ValueError(f"eval_size {tuple(eval_size)} must be multiples of 32")
         spec = replace(spec, eval_size=tuple(eval_size))
+    height, width = spec.eval_size
+    positions = sum((height // stride) * (width // stride) for stride in spec.decoder.feat_strides)
+    if positions < spec.decoder.num_queries:
+        raise ValueError(
+            f"eval_size {spec.eval_size} gives {positions} feature positions, fewer than the "
+            f"{spec.decoder.num_queries} queries of variant {variant!r}; use a larger input size"
+        )
     return DEIM(build_backbone(spec), build_encoder(spec), build_decoder(spec, num_classes), variant, num_classes)

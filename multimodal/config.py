@@ -167,25 +167,21 @@ def _build(cls, values: dict, prefix: str = "", base=None):
     return dataclasses.replace(base, **updates)
 
 
-def _merge(base: dict, update: dict) -> dict:
-    merged = dict(base)
-    for key, value in update.items():
-        if isinstance(value, dict) and isinstance(merged.get(key), dict):
-            merged[key] = _merge(merged[key], value)
-        else:
-            merged[key] = value
-    return merged
-
-
-def _override(assignment: str) -> dict:
-    """``a.b=value`` → {"a": {"b": value}} with the value parsed as YAML (numbers, booleans, lists, null)."""
+def _assign(values: dict, assignment: str) -> dict:
+    """``values`` with ``a.b=value`` applied; the value (parsed as YAML: numbers, booleans, lists, null) replaces
+    whatever was at ``a.b``, so ``--set data.classes={}`` empties the mapping instead of merging into it."""
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
         raise ConfigError(f"--set {assignment!r}: expected key.sub=value")
-    value = yaml.safe_load(text) if text.strip() else ""
-    for part in reversed(key.strip().split(".")):
-        value = {part: value}
-    return value
+    *parents, leaf = key.strip().split(".")
+    values = dict(values)
+    node = values
+    for part in parents:
+        child = node.get(part)
+        node[part] = dict(child) if isinstance(child, dict) else {}
+        node = node[part]
+    node[leaf] = yaml.safe_load(text) if text.strip() else ""
+    return values
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
@@ -202,7 +198,7 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
         if not isinstance(values, dict):
             raise ConfigError(f"{path}: the top level must be a mapping of config sections")
     for assignment in overrides:
-        values = _merge(values, _override(assignment))
+        values = _assign(values, assignment)
     try:
         config = _build(TrainConfig, values)
     except ConfigError as error:

@@ -60,10 +60,15 @@ class SeededSamples(Dataset):
     def __getitem__(self, key: tuple[int, int]):
         epoch, index = key
         sample_seed = (self.seed * _SEED_STRIDE + epoch) * _SEED_STRIDE + index
-        random.seed(sample_seed)
-        torch.manual_seed(sample_seed % 2**63)
-        self.dataset.set_epoch(epoch)
-        return self.dataset[index]
+        # Forked so that loading in the main process (num_workers 0) leaves the training RNG streams untouched.
+        python_state = random.getstate()
+        with torch.random.fork_rng(devices=[]):
+            random.seed(sample_seed)
+            torch.manual_seed(sample_seed % 2**63)
+            self.dataset.set_epoch(epoch)
+            item = self.dataset[index]
+        random.setstate(python_state)
+        return item
 
 
 class EpochBatchSampler(Sampler):

@@ -8,8 +8,10 @@ which must be the detector's class order.
 
 import hashlib
 import json
+import logging
 import os
 from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,6 +68,19 @@ def _one_line(error: BaseException, limit: int = 300) -> str:
     return line if len(line) <= limit else line[:limit] + "…"
 
 
+@contextmanager
+def _quiet_random_init_warning(pretrained: str | None):
+    """open_clip warns through the root logger that no weights were loaded; with ``None`` that is the request."""
+    if pretrained is not None:
+        yield
+        return
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
 class TextEncoder(nn.Module):
     """Frozen open_clip text tower: ``forward(texts)`` → float32 [N, D] L2-normalised embeddings.
 
@@ -82,7 +97,7 @@ class TextEncoder(nn.Module):
         try:
             # The random init draws from torch's global generator; a forked, seeded one keeps that deterministic
             # without disturbing the caller's RNG stream.
-            with torch.random.fork_rng(devices=[]):
+            with torch.random.fork_rng(devices=[]), _quiet_random_init_warning(pretrained):
                 torch.manual_seed(RANDOM_INIT_SEED)
                 model = open_clip.create_model(model_name, pretrained=pretrained)
         except (RuntimeError, OSError, ValueError) as error:

@@ -1,0 +1,209 @@
+"""train_progressive.py end to end on a tiny generated dataset: phases, frozen parts, checkpoints, resume, errors."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+import train_progressive
+from deim_lib import build_detector
+from deim_lib.data.synthetic import CLASS_DESCRIPTIONS, generate
+from multimodal.model import attach_text, split_state
+from multimodal.phases import apply_phase, constant_parameters
+
+PROJECT_DIR = Path(__file__).resolve().parents[1]
+IMAGE_SIZE = 160
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> dict[str, Path]:
+    return generate(tmp_path_factory.mktemp("data"), seed=1, num_train=16, num_val=8, image_size=IMAGE_SIZE)
+
+
+def write_config(directory: Path, data: dict[str, Path], **sections) -> Path:
+    config = {
+        "model": {"variant": "atto", "image_size": IMAGE_SIZE},
+        "data": {
+            **{name: str(path) for name, path in data.items()},
+            "classes": {name: [description] for name, description in CLASS_DESCRIPTIONS.items()},
+            "batch_size": 4,
+            "val_batch_size": 8,
+            "num_workers": 0,
+        },
+        "text_encoder": {"pretrained": None, "cache_dir": str(directory / "text_cache")},
+        **{f"phase{i}": {"epochs": 1, "warmup_iters": 2, "ema_warmups": 5} for i in range(4)},
+    }
+    for section, values in sections.items():
+        config.setdefault(section, {}).update(values)
+    path = directory / "config.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+def train(*args, check: bool = True, env: dict | None = None) -> subprocess.CompletedProcess:
+    command = [sys.executable, str(PROJECT_DIR / "train_progressive.py"), *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, cwd=PROJECT_DIR, env=env, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def official_checkpoint(path: Path, num_classes: int = 5, variant: str = "atto") -> Path:
+    torch.manual_seed(0)
+    eval_size = (IMAGE_SIZE, IMAGE_SIZE) if variant == "atto" else None
+    state = build_detector(variant, num_classes, eval_size=eval_size).state_dict()
+    torch.save({"model": state, "ema": {"module": state, "updates": 1}}, path)
+    return path
+
+
+def load(path: Path) -> dict:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def assert_same_tensors(first: dict, second: dict, keys=None):
+    for key in keys if keys is not None else first:
+        assert torch.equal(first[key], second[key]), key
+
+
+@pytest.mark.parametrize("variant", ["atto", "s"])
+def test_trainable_parts_per_phase(variant):
+    detector = build_detector(variant, 3)
+    model = attach_text(detector, torch.nn.functional.normalize(torch.randn(3, 512), dim=-1))
+    constants = constant_parameters(model)
+    parts = model.parts()
+    for trainable, expected_modules in [
+        (["fusion"], [model.fusion]),
+        (["fusion", "class_heads"], [model.fusion, detector.decoder.enc_score_head, detector.decoder.dec_score_head]),
+        (["fusion", "decoder"], [model.fusion, detector.decoder]),
+    ]:
+        policy = apply_phase(model, parts, trainable, constants)
+        expected = {id(p) for m in expected_modules for p in m.parameters() if id(p) not in constants}
+        assert {id(p) for p in model.parameters() if p.requires_grad} == expected
+        assert not any(p.requires_grad for p in detector.backbone.parameters())
+        policy.set_train_mode(model, (detector.decoder, detector.decoder.decoder))
+        assert not detector.backbone.training and not detector.encoder.training
+        assert model.fusion.training and detector.decoder.training
+
+
+def test_all_phases_keep_frozen_parts_bit_identical(tmp_path, tiny_data):
+    config = write_config(tmp_path, tiny_data)
+    result = train("--config", config, "--phase", "all", "--output-dir", tmp_path / "out")
+    out = tmp_path / "out"
+    phase0, phase1 = load(out / "phase0_best.pth"), load(out / "phase1_last.pth")
+    phase2, phase3 = load(out / "phase2_last.pth"), load(out / "phase3_last.pth")
+    # Phase 1 starts from phase 0's best (EMA) weights and trains only the fusion: the detector, BatchNorm statistics
+    # included, is exactly phase 0's best.
+    assert_same_tensors(phase0["ema"]["module"], phase1["model"])
+    assert_same_tensors(phase0["ema"]["module"], phase1["ema"]["module"])
+    assert "fusion" not in phase0 and all(phase1["fusion"][f"fusion.levels.{i}.alpha"] != 0 for i in range(2))
+    # Phase 2 changes only the class heads; phase 3 only the decoder.
+    start2 = phase1["ema"]["module"]
+    changed2 = {k for k in start2 if not torch.equal(start2[k], phase2["model"][k])}
+    assert changed2 and all(k.startswith(("decoder.enc_score_head", "decoder.dec_score_head")) for k in changed2)
+    start3 = phase2["ema"]["module"]
+    changed3 = {k for k in start3 if not torch.equal(start3[k], phase3["model"][k])}
+    assert changed3 and all(k.startswith("decoder.") for k in changed3)
+    assert phase1["optimizer"]["param_groups"][0]["name"].startswith("fusion")
+    assert {g["name"].split("_")[0] for g in phase2["optimizer"]["param_groups"]} == {"fusion", "class"}
+    for phase in range(4):
+        assert f"phase {phase} done" in result.stdout
+    assert (out / "report.md").is_file() and (out / "curves.png").stat().st_size > 1000
+    assert "RANDOM weights" in result.stdout and "phase 3" in result.stdout.splitlines()[-1]
+    records = [line for line in (out / "metrics.jsonl").read_text().splitlines() if line]
+    assert len(records) == 4 and '"gates"' in records[-1] and (out / "baseline.json").is_file()
+
+
+def test_sigkill_and_resume_ends_with_identical_weights(tmp_path, tiny_data):
+    init = official_checkpoint(tmp_path / "base.pth")
+    overrides = {"phase1": {"epochs": 2, "checkpoint_every_steps": 1}}
+    config = write_config(tmp_path, tiny_data, **overrides)
+    train("--config", config, "--phase", "1", "--init", init, "--output-dir", tmp_path / "uninterrupted")
+
+    killed_dir = tmp_path / "killed"
+    command = [sys.executable, str(PROJECT_DIR / "train_progressive.py"), "--config", str(config), "--phase", "1"]
+    command += ["--init", str(init), "--output-dir", str(killed_dir)]
+    process = subprocess.Popen(command, cwd=PROJECT_DIR, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    last = killed_dir / "phase1_last.pth"
+    deadline = time.time() + 300
+    while time.time() < deadline and not (last.is_file() and load(last)["step"] >= 3):
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    assert process.wait() == -signal.SIGKILL
+    killed_at = load(last)["step"]
+    assert 3 <= killed_at < 8, "the run must be killed mid-phase (8 steps in all)"
+
+    train("--config", config, "--phase", "1", "--resume", last, "--output-dir", killed_dir)
+    expected, resumed = load(tmp_path / "uninterrupted" / "phase1_last.pth"), load(last)
+    assert resumed["step"] == expected["step"] == 8
+    assert_same_tensors(expected["fusion"], resumed["fusion"])
+    assert_same_tensors(expected["fusion_ema"], resumed["fusion_ema"])
+    assert_same_tensors(expected["model"], resumed["model"])
+
+
+def test_next_phase_starts_from_the_best_weights_of_a_given_checkpoint(tmp_path, tiny_data):
+    init = official_checkpoint(tmp_path / "base.pth")
+    config = write_config(tmp_path, tiny_data)
+    train("--config", config, "--phase", "1", "--init", init, "--output-dir", tmp_path / "a")
+    result = train("--config", config, "--phase", "2", "--resume", tmp_path / "a" / "phase1_last.pth",
+                   "--output-dir", tmp_path / "b")  # fmt: skip
+    assert "best weights of phase 1" in result.stdout
+    phase1_best, phase2 = load(tmp_path / "a" / "phase1_best.pth"), load(tmp_path / "b" / "phase2_last.pth")
+    assert phase2["phase"] == 2 and phase2["state"]["step"] == 4  # a fresh optimizer: 4 steps of phase 2 only
+    frozen = [k for k in phase1_best["ema"]["module"] if "score_head" not in k]
+    assert_same_tensors(phase1_best["ema"]["module"], phase2["model"], frozen)
+
+
+def fake_phase_checkpoint(path: Path, phase: int, text_dim: int = 512) -> Path:
+    """A phase checkpoint as train_progressive.py lays it out (weights only; enough to be rejected early)."""
+    model = attach_text(build_detector("atto", 5, eval_size=(IMAGE_SIZE, IMAGE_SIZE)), torch.randn(5, text_dim))
+    detector_state, fusion_state = split_state(model.state_dict())
+    torch.save({"phase": phase, "model": detector_state, "fusion": fusion_state, "step": 1, "finished": False}, path)
+    return path
+
+
+def bad_input_cases(tmp_path: Path, data: dict[str, Path]) -> list[tuple[list, str]]:
+    """(arguments, expected fragment of the one-line error) for each bad-input case."""
+    ok = official_checkpoint(tmp_path / "ok.pth")
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(ok.read_bytes()[:4000])
+    renamed = {name: [text] for name, text in CLASS_DESCRIPTIONS.items()}
+    renamed["dent"] = renamed.pop("scratch")
+    empty = tmp_path / "empty.json"
+    categories = [{"id": i + 1, "name": name} for i, name in enumerate(CLASS_DESCRIPTIONS)]
+    empty.write_text(json.dumps({"images": [], "annotations": [], "categories": categories}))
+    a_file = tmp_path / "a_file"
+    a_file.write_text("")
+    return [
+        (["--phase", "1", "--init", tmp_path / "missing.pth"], "checkpoint file not found"),
+        (["--phase", "1", "--init", truncated], "not a readable PyTorch checkpoint"),
+        (["--phase", "1", "--init", official_checkpoint(tmp_path / "femto.pth", 5, "femto")], "look like variant"),
+        (["--phase", "1", "--init", official_checkpoint(tmp_path / "c3.pth", 3)], "3 classes, the model 5"),
+        (["--phase", "1", "--init", ok, "--set", f"data.classes={renamed}"], "differ from the dataset's"),
+        (["--phase", "1", "--set", "data.batchsize=2"], "did you mean 'data.batch_size'"),
+        (["--phase", "2"], "nothing to start from"),
+        (["--phase", "1", "--resume", fake_phase_checkpoint(tmp_path / "p2.pth", 2)], "cannot start phase 1"),
+        (["--phase", "1", "--set", "phase1.trainable=[fusion, backbone]"], "allow_backbone_training"),
+        (["--phase", "1", "--init", ok, "--set", f"data.train_annotations={empty}"], "has no images"),
+        (["--phase", "1", "--init", ok, "--output-dir", a_file / "out"], "cannot create the output directory"),
+        (["--phase", "1", "--device", "cuda"], "no CUDA device"),
+        (["--phase", "1", "--init", ok, "--set", "model.image_size=192"], "set model.image_size"),
+        (["--phase", "1", "--resume", fake_phase_checkpoint(tmp_path / "p1.pth", 1, text_dim=256)], "fusion"),
+    ]  # fmt: skip
+
+
+def test_bad_inputs_fail_with_one_line_errors(tmp_path, tiny_data, capsys):
+    # In-process (main() is what the script runs) to keep fourteen cases fast.
+    config = write_config(tmp_path, tiny_data)
+    for arguments, fragment in bad_input_cases(tmp_path, tiny_data):
+        output_dir = [] if "--output-dir" in arguments else ["--output-dir", tmp_path / "out"]
+        code = train_progressive.main([str(a) for a in ["--config", config, *output_dir, *arguments]])
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert code == 2, (arguments, lines)
+        assert len(lines) == 1 and lines[0].startswith("error: ") and fragment in lines[0], (arguments, lines)
+        assert not list((tmp_path / "out").glob("*.pth")), "a failed run must not leave checkpoints behind"
