@@ -35,7 +35,7 @@ def test_variant_mismatch_names_the_variant_the_keys_look_like(reference_dir):
 
 def test_class_count_mismatch_names_both_counts_and_the_fix(reference_dir):
     state_dict = load_official_checkpoint(reference_dir / "deimv2_atto_c6.pth")
-    with pytest.raises(CheckpointError, match="6 classes, the model 4.*reinit_class_heads"):
+    with pytest.raises(CheckpointError, match=r"6 classes, the model 4.*reinit_class_heads"):
         load_detector_state(build_detector("atto", 4), state_dict, "deimv2_atto_c6.pth")
 
 

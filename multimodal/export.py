@@ -1,0 +1,130 @@
+"""ONNX export of a trained (or official) DEIMv2 checkpoint, with the same graph interface as the official export.
+
+    python -m multimodal.export --checkpoint checkpoints/phase2_best.pth --output model.onnx [--opset 17]
+
+Inputs: ``images`` float32 [N, 3, S, S], already resized to S×S and normalised as in validation (see the model's
+``image_size`` / ``normalize`` metadata), and ``orig_target_sizes`` int64 [N, 2] as (width, height). Outputs:
+``labels`` int64 [N, k], ``boxes`` float32 [N, k, 4] xyxy in pixels of the original image, ``scores`` float32 [N, k],
+sorted by score, k = min(300, queries × classes) (300 for every released variant). N is dynamic.
+
+The detector runs in deploy mode (conv+BN folded, unused heads dropped). A multimodal checkpoint's class text
+embeddings are constants of the graph: the exported model needs no text model and no extra input.
+"""
+
+import argparse
+import json
+import sys
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import onnx
+import torch
+from torch import Tensor, nn
+
+from deim_lib.checkpoint import CheckpointError
+from deim_lib.postprocessor import PostProcessor
+from multimodal.model import MultimodalDetector
+from multimodal.predict import InferenceModel, load_for_inference
+
+INPUT_NAMES = ["images", "orig_target_sizes"]
+OUTPUT_NAMES = ["labels", "boxes", "scores"]
+
+
+class DeployedDetector(nn.Module):
+    """Detector + post-processor in deploy mode: ``forward(images, orig_target_sizes) -> (labels, boxes, scores)``.
+
+    Shapes and formats as in the module docstring. Deploy mode changes the modules in place: ``inference.model`` is
+    no longer loadable with a training state dict afterwards.
+    """
+
+    def __init__(self, inference: InferenceModel):
+        super().__init__()
+        model = inference.model
+        if not isinstance(model, MultimodalDetector):
+            model.deploy()
+        else:
+            model.detector.deploy()
+            # The tracer turns state_dict tensors into named initializers and other tensors into anonymous Constant
+            # nodes (one copy per use); persistent, the class embeddings are stored once as `model.text_embeddings`.
+            model.register_buffer("text_embeddings", model.text_embeddings, persistent=True)
+        self.model = model.eval()
+        self.postprocessor = PostProcessor(len(inference.class_names)).deploy()
+
+    def forward(self, images: Tensor, orig_target_sizes: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        return self.postprocessor(self.model(images), orig_target_sizes)
+
+
+def _metadata(inference: InferenceModel) -> dict[str, str]:
+    """What an ONNX consumer needs to prepare inputs and name outputs; every value is a JSON string."""
+    return {
+        "variant": json.dumps(inference.variant),
+        "class_names": json.dumps(inference.class_names),
+        "image_size": json.dumps(inference.image_size),
+        "normalize": json.dumps(inference.normalize),
+    }
+
+
+def export_onnx(inference: InferenceModel, output: str | Path, opset: int = 17) -> onnx.ModelProto:
+    """Write ``inference`` (model + post-processing, deploy mode, on the CPU) as ONNX to ``output`` and check it.
+
+    Uses the TorchScript-based exporter (``dynamo=False``): the dynamo exporter needs ``onnxscript``, which the
+    official toolchain does not require. ``inference.model`` is switched to deploy mode in place. Returns the checked
+    model (with ``variant``, ``class_names``, ``image_size`` and ``normalize`` as JSON metadata).
+    """
+    deployed = DeployedDetector(inference).cpu()
+    size = inference.image_size
+    images = torch.rand(1, 3, size, size)
+    sizes = torch.tensor([[size, size]], dtype=torch.int64)
+    batch_axis = {0: "N"}
+    with torch.no_grad(), warnings.catch_warnings():
+        # The tracer warns about every shape read in Python; at the fixed input size S those shapes are constants.
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        # Slices with a step (strided feature indexing) stay unfolded, which is correct; the notice is only noise.
+        warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
+        torch.onnx.export(
+            deployed,
+            (images, sizes),
+            str(output),
+            input_names=INPUT_NAMES,
+            output_names=OUTPUT_NAMES,
+            dynamic_axes=dict.fromkeys(INPUT_NAMES + OUTPUT_NAMES, batch_axis),
+            opset_version=opset,
+            do_constant_folding=True,
+            dynamo=False,
+        )
+    exported = onnx.load(str(output))
+    for key, value in _metadata(inference).items():
+        exported.metadata_props.add(key=key, value=value)
+    onnx.checker.check_model(exported, full_check=True)
+    onnx.save(exported, str(output))
+    return exported
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", required=True, help="a checkpoint of train_progressive.py or official DEIMv2")
+    parser.add_argument("--output", required=True, type=Path, help="the .onnx file to write")
+    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--class-names", help="comma-separated names stored in the metadata (e.g. cat,dog)")
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        class_names = [name.strip() for name in args.class_names.split(",")] if args.class_names else None
+        inference = load_for_inference(args.checkpoint, class_names)
+        args.output.parent.mkdir(parents=True, exist_ok=True)
+        export_onnx(inference, args.output, args.opset)
+    except (CheckpointError, OSError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(
+        f"wrote {args.output} ({inference.variant}, {len(inference.class_names)} classes, input {inference.image_size})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""Inference CLI: checkpoint loading (ours with and without fusion, official), validation preprocessing, COCO results
+equal to the PyTorch post-processing, drawn PNGs, skipped unreadable files and one-line errors."""
+
+import contextlib
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from faster_coco_eval import COCO
+from PIL import Image
+from torch import nn
+
+from deim_lib.checkpoint import CheckpointError, load_official_checkpoint
+from deim_lib.model import DEIM, build_detector
+from deim_lib.postprocessor import PostProcessor
+from deim_lib.variants import IMAGENET_MEAN, IMAGENET_STD
+from multimodal.model import MultimodalDetector, attach_text, split_state
+from multimodal.predict import (
+    PALETTE,
+    InferenceModel,
+    draw_detections,
+    find_images,
+    load_for_inference,
+    main,
+    visualization_names,
+)
+from multimodal.text_encoder import TextEmbeddings
+from tests.conftest import REFERENCE_DIR
+
+ATTO_CHECKPOINT = REFERENCE_DIR / "deimv2_atto_c6.pth"
+CLASS_NAMES = ["crazing", "inclusion", "patches", "pitted", "rolled-in", "scratches"]
+NUM_HEADS = 4  # not the default 8: the loader must take it from the checkpoint's config
+
+
+def text_embeddings(num_classes: int = 6, text_dim: int = 32) -> TextEmbeddings:
+    rows = F.normalize(torch.randn(num_classes, text_dim, generator=torch.Generator().manual_seed(3)), dim=-1)
+    names = CLASS_NAMES[:num_classes]
+    return TextEmbeddings(rows, names, {name: [name] for name in names}, "random test rows")
+
+
+def trained_multimodal_model() -> MultimodalDetector:
+    """Reference atto weights (realistic activations) + fusion whose gates, classifier and a class head moved."""
+    torch.manual_seed(0)
+    detector = build_detector("atto", len(CLASS_NAMES))
+    detector.load_state_dict(load_official_checkpoint(ATTO_CHECKPOINT), strict=True)
+    model = attach_text(detector, text_embeddings().embeddings, NUM_HEADS, text_aware_classification=True)
+    with torch.no_grad():
+        model.fusion.levels[0].alpha.fill_(0.6)
+        model.fusion.levels[1].alpha.fill_(-0.4)
+        model.text_classifier.scale.fill_(2.0)
+        model.detector.decoder.dec_score_head[-1].bias.add_(torch.linspace(-0.5, 0.5, len(CLASS_NAMES)))
+    return model.eval()
+
+
+def write_training_checkpoint(path: Path, phase: int) -> nn.Module:
+    """A checkpoint laid out as train_progressive.save_checkpoint writes it; returns the model its EMA weights give.
+
+    ``model`` / ``fusion`` hold the untouched base (identity fusion) so that reading them instead of the EMA shows.
+    """
+    trained = trained_multimodal_model()
+    base = attach_text(build_detector("atto", len(CLASS_NAMES)), text_embeddings().embeddings, NUM_HEADS, True)
+    base.detector.load_state_dict(load_official_checkpoint(ATTO_CHECKPOINT), strict=True)
+    if phase == 0:
+        trained, base = trained.detector, base.detector
+    model_state, fusion_state = split_state(base.state_dict())
+    ema_state, ema_fusion = split_state(trained.state_dict())
+    config = {"fusion": {"num_heads": NUM_HEADS, "text_aware_classification": True}, "model": {"variant": "atto"}}
+    checkpoint = {"date": "2026-01-01T00:00:00", "model": model_state, "ema": {"module": ema_state, "updates": 7}}
+    checkpoint |= {"phase": phase, "step": 7, "variant": "atto", "class_names": CLASS_NAMES, "image_size": 320}
+    checkpoint |= {"config": config, "last_epoch": 0}
+    if phase >= 1:
+        checkpoint |= {"fusion": fusion_state, "fusion_ema": ema_fusion, "text_embeddings": text_embeddings().to_dict()}
+    torch.save(checkpoint, path)
+    return trained
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory, reference_dir) -> dict:
+    folder = tmp_path_factory.mktemp("checkpoints")
+    paths = {"phase2": folder / "phase2_best.pth", "phase0": folder / "phase0_best.pth"}
+    models = {name: write_training_checkpoint(path, int(name[-1])) for name, path in paths.items()}
+    return {"paths": paths, "models": models}
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory, reference_dir) -> Path:
+    """Two readable images of different sizes and formats, a corrupt .jpg, and a text file that is not an input."""
+    folder = tmp_path_factory.mktemp("images")
+    pixels = torch.load(reference_dir / "deimv2_atto_c6_io.pt", weights_only=True)["images_uint8"]
+    first, second = (Image.fromarray(image.permute(1, 2, 0).numpy()) for image in pixels)
+    first.resize((400, 300)).save(folder / "a_first.png")
+    (folder / "nested").mkdir()
+    second.resize((250, 330)).save(folder / "nested" / "c_second.jpg", quality=95)
+    (folder / "b_broken.jpg").write_bytes(b"this is not a JPEG")
+    (folder / "notes.txt").write_text("ignored")
+    return folder
+
+
+def assert_same_state(model: nn.Module, expected: nn.Module) -> None:
+    state, wanted = model.state_dict(), expected.state_dict()
+    assert list(state) == list(wanted)
+    assert all(torch.equal(state[key], wanted[key]) for key in wanted)
+
+
+def test_training_checkpoint_loads_ema_fusion_with_config_heads_and_text_constants(checkpoints):
+    inference = load_for_inference(checkpoints["paths"]["phase2"])
+    assert isinstance(inference.model, MultimodalDetector)
+    assert not inference.model.training
+    assert_same_state(inference.model, checkpoints["models"]["phase2"])  # EMA weights, not the decoy ``model``
+    assert inference.model.text_classifier is not None
+    assert inference.model.fusion.levels[0].cross_attn.num_heads == NUM_HEADS
+    assert torch.equal(inference.model.text_embeddings, text_embeddings().embeddings)
+    assert (inference.class_names, inference.image_size, inference.normalize, inference.variant) == (
+        CLASS_NAMES, 320, None, "atto"
+    )  # fmt: skip
+
+
+def test_phase0_checkpoint_loads_as_plain_detector(checkpoints):
+    inference = load_for_inference(checkpoints["paths"]["phase0"])
+    assert type(inference.model) is DEIM
+    assert_same_state(inference.model, checkpoints["models"]["phase0"])
+
+
+def test_training_checkpoint_with_fusion_but_no_text_embeddings_is_a_checkpoint_error(checkpoints, tmp_path):
+    checkpoint = torch.load(checkpoints["paths"]["phase2"], weights_only=True)
+    del checkpoint["text_embeddings"]
+    torch.save(checkpoint, tmp_path / "no_text.pth")
+    with pytest.raises(CheckpointError, match=r"no_text\.pth: has text-fusion weights but no 'text_embeddings'"):
+        load_for_inference(tmp_path / "no_text.pth")
+
+
+def test_official_checkpoint_loads_ema_weights_with_guessed_variant_and_generic_names(reference_dir):
+    inference = load_for_inference(ATTO_CHECKPOINT)
+    assert (inference.variant, inference.image_size, inference.normalize) == ("atto", 320, None)
+    assert inference.class_names == [f"class_{k}" for k in range(6)]
+    official = load_official_checkpoint(ATTO_CHECKPOINT)
+    assert all(torch.equal(inference.model.state_dict()[key], official[key].float()) for key in official)
+    assert load_for_inference(ATTO_CHECKPOINT, CLASS_NAMES).class_names == CLASS_NAMES
+    with pytest.raises(CheckpointError, match="6 classes, but 2 class names"):
+        load_for_inference(ATTO_CHECKPOINT, ["cat", "dog"])
+
+
+@pytest.mark.parametrize("normalize", [None, (IMAGENET_MEAN, IMAGENET_STD)], ids=["hgnetv2", "dinov3"])
+def test_preprocess_resizes_bilinear_on_pil_then_scales_and_normalises(normalize):
+    inference = InferenceModel(nn.Identity(), PostProcessor(1), ["x"], 64, normalize, "atto")
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (50, 90, 3), dtype=np.uint8))
+    expected = torch.from_numpy(np.array(image.resize((64, 64), Image.BILINEAR))).permute(2, 0, 1).float() / 255
+    if normalize is not None:
+        expected = (expected - torch.tensor(IMAGENET_MEAN)[:, None, None]) / torch.tensor(IMAGENET_STD)[:, None, None]
+    result = inference.preprocess(image)
+    assert type(result) is torch.Tensor and result.dtype == torch.float32
+    assert torch.allclose(result, expected, atol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def prediction(checkpoints, image_folder, tmp_path_factory) -> tuple[Path, str]:
+    """One CLI run over the folder (batch of 3 files: both images and the broken one); (output folder, stderr)."""
+    output = tmp_path_factory.mktemp("prediction")
+    args = ["--checkpoint", str(checkpoints["paths"]["phase2"]), "--images", str(image_folder), "--output", str(output)]
+    errors = io.StringIO()
+    with contextlib.redirect_stderr(errors):
+        assert main([*args, "--batch-size", "3", "--device", "cpu", "--threshold", "0.1"]) == 0
+    return output, errors.getvalue()
+
+
+def test_predict_writes_coco_results_equal_to_pytorch_postprocessing(prediction, checkpoints, image_folder):
+    output, _ = prediction
+    detections = json.loads((output / "detections.json").read_text())
+    index = json.loads((output / "images.json").read_text())
+    # Ids are positions among the sorted image files; the broken one (position 1) is left out.
+    assert [(entry["id"], entry["file_name"], entry["width"], entry["height"]) for entry in index["images"]] == [
+        (0, "a_first.png", 400, 300), (2, "nested/c_second.jpg", 250, 330)
+    ]  # fmt: skip
+    assert index["categories"] == [{"id": k + 1, "name": name} for k, name in enumerate(CLASS_NAMES)]
+    annotation = {"id": 1, "image_id": 0, "category_id": 1, "bbox": [10, 10, 50, 40], "area": 2000, "iscrowd": 0}
+    ground_truth = COCO({**index, "annotations": [annotation]})
+    assert len(ground_truth.loadRes([dict(d) for d in detections]).getAnnIds()) == 2 * 300  # no threshold in JSON
+
+    inference = load_for_inference(checkpoints["paths"]["phase2"])
+    images = [Image.open(image_folder / entry["file_name"]).convert("RGB") for entry in index["images"]]
+    with torch.no_grad():
+        outputs = inference.model(torch.stack([inference.preprocess(image) for image in images]))
+        expected = inference.postprocessor(outputs, torch.tensor([image.size for image in images]))
+    for entry, result in zip(index["images"], expected, strict=True):
+        ours = [d for d in detections if d["image_id"] == entry["id"]]
+        assert len(ours) == 300
+        assert torch.allclose(torch.tensor([d["score"] for d in ours]), result["scores"], atol=1e-6)
+        assert [d["category_id"] for d in ours] == (result["labels"] + 1).tolist()
+        x0, y0, x1, y1 = result["boxes"].unbind(-1)
+        xywh = torch.stack([x0, y0, x1 - x0, y1 - y0], dim=-1)
+        assert torch.allclose(torch.tensor([d["bbox"] for d in ours]), xywh, atol=1e-4)
+
+
+def test_predict_draws_one_png_per_readable_image_at_its_original_size(prediction):
+    output, _ = prediction
+    index = json.loads((output / "images.json").read_text())
+    assert [entry["visualization"] for entry in index["images"]] == ["a_first.png", "nested/c_second.png"]
+    assert sorted(path.relative_to(output).as_posix() for path in output.rglob("*.png")) == [
+        "a_first.png", "nested/c_second.png"
+    ]  # fmt: skip
+    for entry in index["images"]:
+        with Image.open(output / entry["visualization"]) as drawing:
+            assert drawing.size == (entry["width"], entry["height"])
+
+
+def test_unreadable_file_is_skipped_with_a_one_line_message(prediction):
+    _, errors = prediction
+    messages = [line for line in errors.splitlines() if line.startswith("skipping")]
+    assert len(messages) == 1
+    assert "b_broken.jpg: not a readable image" in messages[0]
+
+
+def test_draw_detections_draws_only_boxes_at_or_above_threshold():
+    image = Image.new("RGB", (200, 100), (0, 0, 0))
+    detections = {
+        "labels": torch.tensor([0, 1]),
+        "boxes": torch.tensor([[20.0, 40.0, 80.0, 90.0], [120.0, 40.0, 180.0, 90.0]]),
+        "scores": torch.tensor([0.5, 0.2]),
+    }
+    drawing = np.asarray(draw_detections(image, detections, ["kept", "dropped"], threshold=0.5))
+    assert tuple(drawing[90, 50]) == PALETTE[0]  # bottom edge of the kept box
+    assert not drawing[:, 100:].any()  # the right half, where the low-score box lies, stays black
+
+
+def test_visualization_names_keep_suffix_only_when_stems_collide():
+    names = visualization_names([Path("x.jpg"), Path("y.jpg"), Path("y.png"), Path("d/z.bmp")])
+    assert names == [Path("x.png"), Path("y.jpg.png"), Path("y.png.png"), Path("d/z.png")]
+
+
+def test_cli_errors_are_one_line_with_exit_code_2(checkpoints, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "bad.pth").write_bytes(b"garbage")
+    runs = [
+        (checkpoints["paths"]["phase0"], tmp_path / "empty", "no image files found"),
+        (checkpoints["paths"]["phase0"], tmp_path / "missing", "no such file or folder"),
+        (tmp_path / "bad.pth", tmp_path / "empty", "not a readable PyTorch checkpoint"),
+    ]
+    for checkpoint, images, message in runs:
+        code = main(["--checkpoint", str(checkpoint), "--images", str(images), "--output", str(tmp_path / "out")])
+        error = capsys.readouterr().err.strip()
+        assert code == 2
+        assert error.startswith("error: ") and message in error and "\n" not in error
+
+
+def test_find_images_sorts_recursively_and_leaves_out_the_output_folder(tmp_path):
+    for name in ("b.png", "a/c.JPG", "out/a_first.png"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        Image.new("RGB", (4, 4)).save(tmp_path / name, format="PNG")
+    (tmp_path / "notes.txt").write_text("not an image")
+    assert find_images(tmp_path, exclude=tmp_path / "out") == [tmp_path / "a/c.JPG", tmp_path / "b.png"]
+    assert find_images(tmp_path / "b.png") == [tmp_path / "b.png"]
