@@ -41,9 +41,11 @@ from multimodal.checkpointing import (
 from multimodal.config import ConfigError, PhaseConfig, TrainConfig, config_to_dict, load_config
 from multimodal.distributed import (
     DeviceError,
+    all_ranks_agree,
     barrier,
     broadcast_object,
     cleanup_distributed,
+    replicas_identical,
     setup_distributed,
     unwrap,
 )
@@ -117,7 +119,7 @@ def train_one_epoch(model, criterion, loader, optimizer, ema, run: Run, phase: P
         loss = sum(losses.values())
 
         optimizer.zero_grad(set_to_none=True)
-        if not torch.isfinite(loss):
+        if not all_ranks_agree(bool(torch.isfinite(loss)), run.device):
             state["nonfinite_in_a_row"] += 1
             state["nonfinite_total"] += 1
             if state["nonfinite_in_a_row"] >= state["max_nonfinite"]:
@@ -212,13 +214,17 @@ def run_phase(index: int, model, constants, start: StartPoint, run: Run, monitor
     history, best = resume_phase(start, model, ema, optimizer, state) if start.resume else ([], None)
     net = model
     if run.world_size > 1:
+        # Wrapped after freezing, per phase: DDP registers its gradient hooks for the parameters trainable now.
+        # Training the decoder, a batch without boxes leaves the denoising embedding unused.
         device_ids = [run.device.index] if run.device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=device_ids, find_unused_parameters="decoder" in phase.trainable
+        )
     criterion = build_criterion(variant.name, len(run.class_names)).to(run.device)
     train_dataset = build_datasets(run.config.data, variant, run.image_size, phase.augmentation)[0]
     eval_model = ema.module if ema is not None else model
 
-    if index >= 1 and monitor.baseline is None:
+    if index >= 1 and broadcast_object(monitor.baseline is None):
         metrics = evaluate(model, run, val)  # the multimodal model equals its base detector before training
         if run.is_main:
             monitor.save_baseline(metrics, f"start of phase {index}")
@@ -263,13 +269,16 @@ def run_phase(index: int, model, constants, start: StartPoint, run: Run, monitor
             + (f"  gates {[round(g, 4) for g in gates]}" if gates else "")
             + (f"  non-finite steps {state['nonfinite_total']}" if state["nonfinite_total"] else "")
         )
-        if run.is_main and monitor.exceeded(record):
-            run.log(f"warning: AP fell {-record['delta_AP']:.4f} below the base (max_ap_drop {monitor.max_ap_drop})")
+        if broadcast_object(run.is_main and monitor.exceeded(record)):
+            run.log(f"warning: AP {metrics['AP']:.4f} is more than max_ap_drop {monitor.max_ap_drop} below the base")
             if run.config.monitor.on_drop == "stop":
                 run.log(f"phase {index} stopped by the forgetting guard; {best_path} keeps the best weights")
                 break
     checked = policy.verify_frozen(model)
-    run.log(f"phase {index} done: {checked} frozen tensors verified bit-identical")
+    if not replicas_identical(model, run.device):
+        raise TrainingError(f"phase {index}: the {run.world_size} processes ended with different weights")
+    replicas = f", weights identical on {run.world_size} processes" if run.world_size > 1 else ""
+    run.log(f"phase {index} done: {checked} frozen tensors verified bit-identical{replicas}")
     save(last_path, finished=True)
     if run.is_main:
         monitor.write_report(report_notes(run.config))
@@ -307,6 +316,11 @@ def main(argv: list[str] | None = None) -> int:
         # Config, distributed context, output directory, seeds.
         config = load_config(args.config, args.set)
         context = setup_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if config.data.batch_size % context.world_size:
+            raise ConfigError(
+                f"data.batch_size {config.data.batch_size} is the global batch and must divide evenly over "
+                f"{context.world_size} processes"
+            )
         output_dir = Path(args.output_dir)
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
@@ -361,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
             model.to(context.device)
             if args.eval_only:
                 metrics = evaluate(model, run, val)
-                run.log(json.dumps({key: metrics[key] for key in metrics if key != "per_class"}, indent=1))
+                run.log(f"metrics: {json.dumps(metrics)}")
                 return 0
             run_phase(index, model, constants, start, run, monitor, val, text)
         run.log("\n" + monitor.summary_table())

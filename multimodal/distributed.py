@@ -78,3 +78,27 @@ def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
     if dist.is_initialized():
         dist.all_reduce(values)
     return values
+
+
+def all_ranks_agree(flag: bool, device: torch.device) -> bool:
+    """True only when ``flag`` is true on every rank (e.g. "the loss is finite": all ranks skip a step together)."""
+    if not dist.is_initialized():
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MIN)
+    return bool(value.item())
+
+
+def replicas_identical(model: nn.Module, device: torch.device) -> bool:
+    """Whether every rank holds the same trainable weights, compared through an exact float64 fingerprint."""
+    if not dist.is_initialized():
+        return True
+    generator = torch.Generator().manual_seed(0)
+    fingerprint = torch.zeros(3, dtype=torch.float64)
+    for _, parameter in sorted(model.named_parameters()):
+        values = parameter.detach().to("cpu", torch.float64).flatten()
+        weights = torch.rand(values.numel(), generator=generator, dtype=torch.float64)
+        fingerprint += torch.stack([values.sum(), values.square().sum(), (values * weights).sum()])
+    gathered = [torch.zeros_like(fingerprint) for _ in range(dist.get_world_size())]
+    dist.all_gather(gathered, fingerprint.to(device) if device.type == "cuda" else fingerprint)
+    return all(torch.equal(gathered[0].cpu(), other.cpu()) for other in gathered[1:])

@@ -39,7 +39,7 @@ class ForgettingMonitor:
         """Append one epoch to the log; returns the record with its deltas against the baseline."""
         record = {"phase": phase, "epoch": epoch, **summarize(metrics), "gates": gates, "train": train_stats}
         baseline = self.baseline
-        if baseline is not None:
+        if baseline is not None and phase >= 1:  # phase 0 trains the base itself
             record["delta_AP"] = metrics["AP"] - baseline["AP"]
             record["delta_AP50"] = metrics["AP50"] - baseline["AP50"]
             record["delta_per_class"] = {
@@ -69,7 +69,7 @@ class ForgettingMonitor:
             row.update(AP=record["AP"], AP50=record["AP50"], epochs=record["epoch"] + 1)
             row["worst_AP"] = min(row["worst_AP"], record["AP"])
         for row in rows.values():
-            if baseline is not None:
+            if baseline is not None and row["phase"] >= 1:  # phase 0 trains the base itself
                 row["delta_AP"] = row["AP"] - baseline["AP"]
                 row["max_drop"] = max(0.0, baseline["AP"] - row["worst_AP"])
         return [rows[phase] for phase in sorted(rows)]
