@@ -22,6 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from deim_lib import PostProcessor, build_criterion, build_detector
@@ -31,12 +32,10 @@ from deim_lib.evaluate import evaluate_detector
 from deim_lib.variants import get_variant
 from multimodal.checkpointing import (
     StartPoint,
-    atomic_save,
     phase_checkpoint_path,
     resolve_start,
-    rng_state,
-    set_rng_state,
-    training_checkpoint,
+    restore_training_state,
+    save_training_checkpoint,
 )
 from multimodal.config import ConfigError, PhaseConfig, TrainConfig, config_to_dict, load_config
 from multimodal.distributed import (
@@ -50,7 +49,7 @@ from multimodal.distributed import (
     unwrap,
 )
 from multimodal.loaders import build_datasets, build_train_loader, build_val_loader, prepare_synthetic_data
-from multimodal.model import MultimodalDetector, attach_text, detector_parts, load_weights, split_state
+from multimodal.model import MultimodalDetector, attach_text, detector_parts, load_weights
 from multimodal.monitor import ForgettingMonitor
 from multimodal.optimization import ModelEMA, build_optimizer, lr_factor, set_lr
 from multimodal.phases import apply_phase, constant_parameters
@@ -145,42 +144,8 @@ def train_one_epoch(model, criterion, loader, optimizer, ema, run: Run, phase: P
             bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{rate:.1f}")
         if phase.checkpoint_every_steps and state["step"] % phase.checkpoint_every_steps == 0:
             save_fn()
-    return {name: float(value) / max(1, count) for name, value in sums.items()} | {"images_per_s": rate}
-
-
-def save_checkpoint(path: Path, model, ema, optimizer, index: int, state: dict, run: Run, extra: dict) -> None:
-    """Everything exact resume needs, with the detector under the official ``model`` / ``ema.module`` keys."""
-    if not run.is_main:
-        return
-    detector_state, fusion_state = split_state(model.state_dict())
-    contents = {"model": detector_state, "last_epoch": state["epoch"] - 1, "phase": index, "step": state["step"]}
-    if fusion_state:
-        contents["fusion"] = fusion_state
-    if ema is not None:
-        ema_detector, ema_fusion = split_state(ema.module.state_dict())
-        contents["ema"] = {"module": ema_detector, "updates": ema.updates}
-        if ema_fusion:
-            contents["fusion_ema"] = ema_fusion
-    contents |= {"optimizer": optimizer.state_dict(), "state": dict(state), "rng": rng_state()}
-    contents |= {"config": config_to_dict(run.config), "variant": run.config.model.variant}
-    contents |= {"class_names": run.class_names, "image_size": run.image_size, **extra}
-    atomic_save(training_checkpoint(**contents), path)
-
-
-def resume_phase(start: StartPoint, model, ema, optimizer, state: dict) -> tuple[list, float | None]:
-    """Restore a phaseN_last.pth exactly: weights, EMA, optimiser, counters, RNG; returns (history, best)."""
-    checkpoint = start.resume
-    load_weights(model, checkpoint["model"], checkpoint.get("fusion"), "--resume")
-    if ema is not None and "ema" in checkpoint:
-        load_weights(ema.module, checkpoint["ema"]["module"], checkpoint.get("fusion_ema"), "--resume (EMA)")
-        ema.updates = checkpoint["ema"]["updates"]
-    try:
-        optimizer.load_state_dict(checkpoint["optimizer"])
-    except (ValueError, KeyError) as error:
-        raise CheckpointError(f"--resume: optimizer state does not fit this phase's parameters ({error})") from None
-    state.update(checkpoint["state"])
-    set_rng_state(checkpoint["rng"])
-    return checkpoint["history"], checkpoint["best_metric"]
+    means = {name: float(value) / max(1, count) for name, value in sums.items()}
+    return means | {"images_per_s": rate, "seconds": time.perf_counter() - start}
 
 
 def evaluate(model, run: Run, val: tuple) -> dict:
@@ -189,6 +154,49 @@ def evaluate(model, run: Run, val: tuple) -> dict:
         model, postprocessor, val_loader, run.device, val_dataset.category_ids, val_dataset.coco, progress=run.is_main
     )
     return metrics
+
+
+def build_optimization(index: int, model, parts: dict, policy, run: Run) -> tuple:
+    """AdamW over exactly this phase's trainable parameters, and an EMA restarted for the phase (or None)."""
+    phase, variant = run.config.phase(index), get_variant(run.config.model.variant)
+    backbone_lr_ratio = variant.backbone_lr / variant.base_lr  # only phase 0 trains the backbone
+    fused = run.device.type == "cuda"
+    optimizer = build_optimizer(parts, phase.trainable, phase.lr, phase.weight_decay, backbone_lr_ratio, fused=fused)
+    if not phase.ema:
+        return optimizer, None
+    names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
+    tracked = [name for name in names if name not in policy.frozen_tensors]
+    return optimizer, ModelEMA(model, tracked, phase.ema_decay, phase.ema_warmups)
+
+
+def wrap_distributed(model, run: Run, trainable: list[str]):
+    """DDP around the model after freezing, per phase: it registers gradient hooks for what is trainable now."""
+    if run.world_size == 1:
+        return model
+    device_ids = [run.device.index] if run.device.type == "cuda" else None
+    # Training the decoder, a batch without boxes leaves the denoising embedding unused.
+    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters="decoder" in trainable)
+
+
+def measure_baseline(model, run: Run, monitor: ForgettingMonitor, val: tuple, index: int) -> None:
+    """The forgetting monitor's reference: the model before it trains (with zero gates, exactly the base detector)."""
+    metrics = evaluate(model, run, val)
+    if run.is_main:
+        monitor.save_baseline(metrics, f"start of phase {index}")
+    run.log(f"baseline (base detector): AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}")
+
+
+def epoch_summary(index: int, epoch: int, stats: dict, metrics: dict, record: dict, gates: list, state: dict) -> str:
+    line = f"phase {index} epoch {epoch}: loss {stats.get('loss', float('nan')):.4f}  AP {metrics['AP']:.4f}  "
+    line += f"AP50 {metrics['AP50']:.4f}"
+    if "delta_AP" in record:
+        line += f"  ΔAP {record['delta_AP']:+.4f}"
+    line += f"  {stats['images_per_s']:.1f} img/s"
+    if gates:
+        line += f"  gates {[round(gate, 4) for gate in gates]}"
+    if state["nonfinite_total"]:
+        line += f"  non-finite steps {state['nonfinite_total']}"
+    return line
 
 
 def run_phase(index: int, model, constants, start: StartPoint, run: Run, monitor: ForgettingMonitor, val, text) -> None:
@@ -202,47 +210,44 @@ def run_phase(index: int, model, constants, start: StartPoint, run: Run, monitor
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     run.log(f"phase {index}: training {phase.trainable} ({trainable:,} parameters), lr {phase.lr:g}")
 
-    optimizer = build_optimizer(parts, phase.trainable, phase.lr, phase.weight_decay,
-                                variant.backbone_lr / variant.base_lr, fused=run.device.type == "cuda")  # fmt: skip
-    tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-    ema = None
-    if phase.ema:
-        tracked = [name for name in tensors if name not in policy.frozen_tensors]
-        ema = ModelEMA(model, tracked, phase.ema_decay, phase.ema_warmups)
+    optimizer, ema = build_optimization(index, model, parts, policy, run)
     state = {"epoch": 0, "step": 0, "batch": 0, "nonfinite_in_a_row": 0, "nonfinite_total": 0}
     state["max_nonfinite"] = run.config.monitor.max_nonfinite_steps
-    history, best = resume_phase(start, model, ema, optimizer, state) if start.resume else ([], None)
-    net = model
-    if run.world_size > 1:
-        # Wrapped after freezing, per phase: DDP registers its gradient hooks for the parameters trainable now.
-        # Training the decoder, a batch without boxes leaves the denoising embedding unused.
-        device_ids = [run.device.index] if run.device.type == "cuda" else None
-        net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=device_ids, find_unused_parameters="decoder" in phase.trainable
-        )
+    history, best = [], None
+    if start.resume:
+        history, best = restore_training_state(start.resume, model, ema, optimizer, state)
+    net = wrap_distributed(model, run, phase.trainable)
     criterion = build_criterion(variant.name, len(run.class_names)).to(run.device)
     train_dataset = build_datasets(run.config.data, variant, run.image_size, phase.augmentation)[0]
     eval_model = ema.module if ema is not None else model
 
     if index >= 1 and broadcast_object(monitor.baseline is None):
-        metrics = evaluate(model, run, val)  # the multimodal model equals its base detector before training
-        if run.is_main:
-            monitor.save_baseline(metrics, f"start of phase {index}")
-        run.log(f"baseline (base detector): AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}")
-
-    text = {"text_embeddings": text.to_dict()} if text is not None else {}
+        measure_baseline(model, run, monitor, val, index)
     last_path, best_path = (phase_checkpoint_path(run.output_dir, index, kind) for kind in ("last", "best"))
+    described = {"config": config_to_dict(run.config), "variant": variant.name, "class_names": run.class_names}
+    described |= {"image_size": run.image_size, "phase": index}
+    if text is not None:
+        described["text_embeddings"] = text.to_dict()
 
     def save(path: Path, finished: bool = False) -> None:
-        extra = {"history": history, "best_metric": best, "finished": finished, **text}
-        save_checkpoint(path, model, ema, optimizer, index, state, run, extra)
+        progress = {"step": state["step"], "last_epoch": state["epoch"] - 1, "state": dict(state)}
+        progress |= {"history": history, "best_metric": best, "finished": finished}
+        if run.is_main:
+            save_training_checkpoint(path, model, ema, optimizer, **described, **progress)
 
     for epoch in range(state["epoch"], phase.epochs):
         state["epoch"] = epoch
         loader, sampler = build_train_loader(
-            train_dataset, run.config.data.batch_size // run.world_size, run.config.data.num_workers, run.seed,
-            epoch, phase.augmentation, variant, run.image_size, run.rank, run.world_size,
-        )  # fmt: skip
+            train_dataset,
+            run.config.data,
+            variant,
+            run.image_size,
+            phase.augmentation,
+            run.seed,
+            epoch,
+            run.rank,
+            run.world_size,
+        )
         sampler.start = state["batch"]
         policy.set_train_mode(net, output_switches)
         stats = train_one_epoch(net, criterion, loader, optimizer, ema, run, phase, state, lambda: save(last_path))
@@ -262,13 +267,7 @@ def run_phase(index: int, model, constants, start: StartPoint, run: Run, monitor
         save(last_path)
         if improved:
             save(best_path)
-        delta = f"  ΔAP {record['delta_AP']:+.4f}" if "delta_AP" in record else ""
-        run.log(
-            f"phase {index} epoch {epoch}: loss {stats.get('loss', float('nan')):.4f}  AP {metrics['AP']:.4f}  "
-            f"AP50 {metrics['AP50']:.4f}{delta}  {stats['images_per_s']:.1f} img/s"
-            + (f"  gates {[round(g, 4) for g in gates]}" if gates else "")
-            + (f"  non-finite steps {state['nonfinite_total']}" if state["nonfinite_total"] else "")
-        )
+        run.log(epoch_summary(index, epoch, stats, metrics, record, gates, state))
         if broadcast_object(run.is_main and monitor.exceeded(record)):
             run.log(f"warning: AP {metrics['AP']:.4f} is more than max_ap_drop {monitor.max_ap_drop} below the base")
             if run.config.monitor.on_drop == "stop":
@@ -341,11 +340,21 @@ def main(argv: list[str] | None = None) -> int:
         variant = get_variant(config.model.variant)
         image_size = config.model.image_size or variant.eval_size[0]
         val_dataset = build_datasets(config.data, variant, image_size, "finetune")[1]
-        run = Run(config, output_dir, context.device, context.is_main, context.rank, context.world_size, args.seed,
-                  val_dataset.class_names, image_size)  # fmt: skip
+        run = Run(
+            config,
+            output_dir,
+            context.device,
+            context.is_main,
+            context.rank,
+            context.world_size,
+            args.seed,
+            val_dataset.class_names,
+            image_size,
+        )
         run.log(f"config: {json.dumps(config_to_dict(config))}")
-        val_loader = build_val_loader(val_dataset, config.data.val_batch_size, config.data.num_workers,
-                                      context.rank, context.world_size)  # fmt: skip
+        val_loader = build_val_loader(
+            val_dataset, config.data.val_batch_size, config.data.num_workers, context.rank, context.world_size
+        )
         val = (val_loader, val_dataset, PostProcessor(len(run.class_names)))
 
         # Model: the DEIMv2 detector; phases ≥ 1 wrap it with the text fusion.
@@ -356,20 +365,23 @@ def main(argv: list[str] | None = None) -> int:
         phases = [0, 1, 2, 3] if args.phase == "all" else [int(args.phase)]
         for position, index in enumerate(phases):
             first = position == 0
-            start = resolve_start(index, args.resume if first else None, args.init if first else None, output_dir,
-                                  config.model.weights)  # fmt: skip
+            start = resolve_start(
+                index, args.resume if first else None, args.init if first else None, output_dir, config.model.weights
+            )
             run.log(f"phase {index}: starting from {start.description}")
             if start.detector_state is not None:
-                reset = load_detector_state(detector, start.detector_state, start.description,
-                                            config.model.reinit_class_heads)  # fmt: skip
+                reset = load_detector_state(
+                    detector, start.detector_state, start.description, config.model.reinit_class_heads
+                )
                 if reset:
                     run.log(f"re-initialised for the new class count: {', '.join(reset)}")
             elif start.resume is None and config.model.pretrained_backbone:
                 detector.backbone.load_pretrained(config.model.pretrained_backbone)
             if index >= 1 and text is None:
                 text = class_text_embeddings(run, start)
-                model = attach_text(detector, text.embeddings, config.fusion.num_heads,
-                                    config.fusion.text_aware_classification)  # fmt: skip
+                model = attach_text(
+                    detector, text.embeddings, config.fusion.num_heads, config.fusion.text_aware_classification
+                )
             if start.fusion_state is not None and model is not detector:
                 load_weights(model, None, start.fusion_state, start.description)
             model.to(context.device)

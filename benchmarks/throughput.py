@@ -370,10 +370,16 @@ def format_table(results: dict[str, dict], memory_label: str) -> str:
     for name, result in results.items():
         memory, speedup = result["peak_memory_mib"], result.get("speedup_vs_full")
         times = (f"{result[key]:.1f}" for key in ("ms_per_step", "ms_per_step_median"))
-        rows.append((
-            name, f"{result['images_per_s']:.2f}", *times, "n/a" if memory is None else f"{memory:.0f} MiB",
-            "-" if speedup is None else f"{speedup:.2f}x", f"{result['trainable_params']:,}",
-        ))  # fmt: skip
+        rows.append(
+            (
+                name,
+                f"{result['images_per_s']:.2f}",
+                *times,
+                "n/a" if memory is None else f"{memory:.0f} MiB",
+                "-" if speedup is None else f"{speedup:.2f}x",
+                f"{result['trainable_params']:,}",
+            )
+        )
     return "\n".join(f"{row[0]:<8}" + "".join(f"{cell:>15}" for cell in row[1:]) for row in rows)
 
 

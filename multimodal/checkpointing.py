@@ -14,8 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import nn
 
 from deim_lib.checkpoint import CheckpointError, detector_state_dict, load_official_checkpoint, read_checkpoint
+from multimodal.model import load_weights, split_state
 
 
 def atomic_save(obj: dict, path: str | Path) -> None:
@@ -60,6 +62,41 @@ def phase_checkpoint_path(output_dir: str | Path, phase: int, kind: str) -> Path
 def training_checkpoint(**contents) -> dict:
     """The checkpoint dict: the given contents plus the official ``date`` field."""
     return {"date": datetime.now().isoformat(timespec="seconds"), **contents}
+
+
+def save_training_checkpoint(path: Path, model: nn.Module, ema, optimizer: torch.optim.Optimizer, **contents) -> None:
+    """Write a phase checkpoint: the detector under the official ``model`` / ``ema.module`` keys, the fusion beside
+    it, optimiser and RNG states for exact resume, and ``contents`` (plain data: counters, config, history, ...)."""
+    detector_state, fusion_state = split_state(model.state_dict())
+    checkpoint = {"model": detector_state, "optimizer": optimizer.state_dict(), "rng": rng_state()}
+    if fusion_state:
+        checkpoint["fusion"] = fusion_state
+    if ema is not None:
+        ema_detector, ema_fusion = split_state(ema.module.state_dict())
+        checkpoint["ema"] = {"module": ema_detector, "updates": ema.updates}
+        if ema_fusion:
+            checkpoint["fusion_ema"] = ema_fusion
+    atomic_save(training_checkpoint(**checkpoint, **contents), path)
+
+
+def restore_training_state(
+    checkpoint: dict, model: nn.Module, ema, optimizer, state: dict
+) -> tuple[list, float | None]:
+    """Continue a phaseN_last.pth exactly: weights, EMA, optimiser, counters (into ``state``) and RNG streams.
+
+    Returns the metrics history and the best metric so far.
+    """
+    load_weights(model, checkpoint["model"], checkpoint.get("fusion"), "--resume")
+    if ema is not None and "ema" in checkpoint:
+        load_weights(ema.module, checkpoint["ema"]["module"], checkpoint.get("fusion_ema"), "--resume (EMA)")
+        ema.updates = checkpoint["ema"]["updates"]
+    try:
+        optimizer.load_state_dict(checkpoint["optimizer"])
+    except (ValueError, KeyError) as error:
+        raise CheckpointError(f"--resume: the optimizer state does not fit this phase's parameters ({error})") from None
+    state.update(checkpoint["state"])
+    set_rng_state(checkpoint["rng"])
+    return checkpoint["history"], checkpoint["best_metric"]
 
 
 def read_training_checkpoint(path: str | Path) -> dict:

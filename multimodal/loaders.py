@@ -119,17 +119,17 @@ def build_datasets(
 
 def build_train_loader(
     dataset: CocoDetection,
-    batch_size: int,
-    num_workers: int,
-    seed: int,
-    epoch: int,
-    augmentation: str,
+    data: DataConfig,
     variant: Variant,
     image_size: int,
+    augmentation: str,
+    seed: int,
+    epoch: int,
     rank: int = 0,
     world_size: int = 1,
 ) -> tuple[DataLoader, EpochBatchSampler]:
     """One epoch's loader (re-made each epoch so the collate and the workers see that epoch)."""
+    batch_size = data.batch_size // world_size
     if len(dataset) // world_size < batch_size:
         raise DatasetError(
             f"{dataset.annotation_file}: {len(dataset)} training images cannot fill one batch of {batch_size} per "
@@ -142,7 +142,7 @@ def build_train_loader(
     loader = DataLoader(
         SeededSamples(dataset, seed),
         batch_sampler=sampler,
-        num_workers=num_workers,
+        num_workers=data.num_workers,
         collate_fn=collate,
         generator=torch.Generator().manual_seed(seed + epoch),  # worker seeds must not consume the global RNG
         persistent_workers=False,

@@ -258,9 +258,14 @@ def predict(
         draw_detections(image, detections, inference.class_names, threshold).save(drawing)
         width, height = image.size
         entries.append(
-            {"id": index, "file_name": relative[index].as_posix(), "width": width, "height": height,
-             "visualization": drawings[index].as_posix()}
-        )  # fmt: skip
+            {
+                "id": index,
+                "file_name": relative[index].as_posix(),
+                "width": width,
+                "height": height,
+                "visualization": drawings[index].as_posix(),
+            }
+        )
     categories = [{"id": label + 1, "name": name} for label, name in enumerate(inference.class_names)]
     index_file = {"images": entries, "categories": categories}
     (output_dir / "detections.json").write_text(json.dumps(results))

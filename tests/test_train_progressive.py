@@ -151,8 +151,16 @@ def test_next_phase_starts_from_the_best_weights_of_a_given_checkpoint(tmp_path,
     init = official_checkpoint(tmp_path / "base.pth")
     config = write_config(tmp_path, tiny_data)
     train("--config", config, "--phase", "1", "--init", init, "--output-dir", tmp_path / "a")
-    result = train("--config", config, "--phase", "2", "--resume", tmp_path / "a" / "phase1_last.pth",
-                   "--output-dir", tmp_path / "b")  # fmt: skip
+    result = train(
+        "--config",
+        config,
+        "--phase",
+        "2",
+        "--resume",
+        tmp_path / "a" / "phase1_last.pth",
+        "--output-dir",
+        tmp_path / "b",
+    )
     assert "best weights of phase 1" in result.stdout
     phase1_best, phase2 = load(tmp_path / "a" / "phase1_best.pth"), load(tmp_path / "b" / "phase2_last.pth")
     assert phase2["phase"] == 2 and phase2["state"]["step"] == 4  # a fresh optimizer: 4 steps of phase 2 only
@@ -195,7 +203,7 @@ def bad_input_cases(tmp_path: Path, data: dict[str, Path]) -> list[tuple[list, s
         (["--phase", "1", "--device", "cuda"], "no CUDA device"),
         (["--phase", "1", "--init", ok, "--set", "model.image_size=192"], "set model.image_size"),
         (["--phase", "1", "--resume", fake_phase_checkpoint(tmp_path / "p1.pth", 1, text_dim=256)], "fusion"),
-    ]  # fmt: skip
+    ]
 
 
 def test_bad_inputs_fail_with_one_line_errors(tmp_path, tiny_data, capsys):
@@ -228,8 +236,61 @@ def test_torchrun_two_processes_match_a_single_process(tmp_path, tiny_data):
     checkpoint = load(out / "phase1_best.pth")
     assert checkpoint["state"]["step"] == 4  # 16 images, global batch 4: 2 per process, 8 images per process
     ddp_record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    single = train("--config", config, "--phase", "1", "--init", out / "phase1_best.pth", "--eval-only",
-                   "--output-dir", tmp_path / "single")  # fmt: skip
+    single = train(
+        "--config",
+        config,
+        "--phase",
+        "1",
+        "--init",
+        out / "phase1_best.pth",
+        "--eval-only",
+        "--output-dir",
+        tmp_path / "single",
+    )
     single_metrics = json.loads(single.stdout.split("metrics: ")[1].splitlines()[0])
     assert single_metrics["AP"] == pytest.approx(ddp_record["AP"], abs=1e-6)
     assert single_metrics["AP50"] == pytest.approx(ddp_record["AP50"], abs=1e-6)
+
+
+def test_repeated_non_finite_losses_stop_the_run_and_keep_the_last_good_checkpoint(tmp_path, tiny_data, monkeypatch):
+    init = official_checkpoint(tmp_path / "base.pth")
+    config = write_config(
+        tmp_path, tiny_data, phase1={"epochs": 2, "checkpoint_every_steps": 1}, monitor={"max_nonfinite_steps": 2}
+    )
+    real_build_criterion = train_progressive.build_criterion
+
+    class PoisonedAfterThreeSteps(torch.nn.Module):
+        def __init__(self, criterion):
+            super().__init__()
+            self.criterion, self.calls = criterion, 0
+
+        def forward(self, outputs, targets, epoch=0):
+            self.calls += 1
+            losses = self.criterion(outputs, targets, epoch=epoch)
+            return losses if self.calls <= 3 else {k: v * float("nan") for k, v in losses.items()}
+
+    def poisoned_after_three_steps(variant, num_classes):
+        return PoisonedAfterThreeSteps(real_build_criterion(variant, num_classes))
+
+    monkeypatch.setattr(train_progressive, "build_criterion", poisoned_after_three_steps)
+    out = tmp_path / "out"
+    code = train_progressive.main(
+        [str(a) for a in ["--config", config, "--phase", "1", "--init", init, "--output-dir", out]]
+    )
+    assert code == 2
+    checkpoint = load(out / "phase1_last.pth")  # intact: written atomically before the bad steps
+    assert checkpoint["step"] == 3 and not checkpoint["finished"]
+
+
+def test_forgetting_guard_stops_the_phase_and_keeps_the_best_checkpoint(tmp_path, tiny_data, capsys):
+    init = official_checkpoint(tmp_path / "base.pth")
+    # A negative allowance makes every epoch "too far below the base".
+    config = write_config(tmp_path, tiny_data, phase1={"epochs": 3}, monitor={"max_ap_drop": -1.0, "on_drop": "stop"})
+    out = tmp_path / "out"
+    code = train_progressive.main(
+        [str(a) for a in ["--config", config, "--phase", "1", "--init", init, "--output-dir", out]]
+    )
+    assert code == 0
+    assert "stopped by the forgetting guard" in capsys.readouterr().out
+    assert load(out / "phase1_best.pth")["state"]["epoch"] == 1  # one epoch of three, then the guard
+    assert len((out / "metrics.jsonl").read_text().splitlines()) == 1

@@ -258,10 +258,16 @@ def _write_split(root: Path, split: str, split_code: int, seed: int, count: int,
         Image.fromarray(pixels).save(image_dir / file_name, quality=_JPEG_QUALITY)
         images.append({"id": index + 1, "file_name": file_name, "width": size, "height": size})
         for name, box in placed:
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": index + 1, "category_id": CLASS_NAMES.index(name) + 1,
-                "bbox": box, "area": box[2] * box[3], "iscrowd": 0,
-            })  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": index + 1,
+                    "category_id": CLASS_NAMES.index(name) + 1,
+                    "bbox": box,
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
     categories = [
         {"id": i + 1, "name": name, "supercategory": "defect", "description": CLASS_DESCRIPTIONS[name]}
         for i, name in enumerate(CLASS_NAMES)

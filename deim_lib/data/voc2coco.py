@@ -104,10 +104,16 @@ def convert(images_dir: str | Path, annotations_dir: str | Path) -> dict:
             if box is None:
                 unusable += 1
                 continue
-            annotations.append({
-                "id": len(annotations) + 1, "image_id": image_id, "category_id": category_ids[name],
-                "bbox": box, "area": box[2] * box[3], "iscrowd": 0,
-            })  # fmt: skip
+            annotations.append(
+                {
+                    "id": len(annotations) + 1,
+                    "image_id": image_id,
+                    "category_id": category_ids[name],
+                    "bbox": box,
+                    "area": box[2] * box[3],
+                    "iscrowd": 0,
+                }
+            )
     skipped = {"images_without_xml": images_only, "xml_without_image": xmls_only, "objects": unusable}
     return {
         "info": {"description": f"converted from Pascal VOC in {annotations_dir}", "skipped": skipped},

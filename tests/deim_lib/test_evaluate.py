@@ -161,9 +161,14 @@ def test_evaluate_detector_maps_labels_and_boxes_and_restores_train_mode():
     model = GroundTruthModel().train()
     coco_gt = COCO(copy.deepcopy(TOY_GT))
     metrics, detections = evaluate_detector(
-        model, PostProcessor(num_classes=2, num_top_queries=8), _toy_loader(), torch.device("cpu"), CATEGORY_IDS,
-        coco_gt, progress=False,
-    )  # fmt: skip
+        model,
+        PostProcessor(num_classes=2, num_top_queries=8),
+        _toy_loader(),
+        torch.device("cpu"),
+        CATEGORY_IDS,
+        coco_gt,
+        progress=False,
+    )
 
     assert model.modes_seen == [False, False] and model.training
     assert metrics["AP"] == pytest.approx(1.0)

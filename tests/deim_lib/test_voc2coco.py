@@ -134,10 +134,13 @@ def test_primary_class_is_the_most_frequent_with_ties_to_the_lower_id():
     coco = {
         "images": [{"id": 1}, {"id": 2}, {"id": 3}],
         "annotations": [
-            {"image_id": 1, "category_id": 4}, {"image_id": 1, "category_id": 2}, {"image_id": 1, "category_id": 4},
-            {"image_id": 2, "category_id": 5}, {"image_id": 2, "category_id": 3},
+            {"image_id": 1, "category_id": 4},
+            {"image_id": 1, "category_id": 2},
+            {"image_id": 1, "category_id": 4},
+            {"image_id": 2, "category_id": 5},
+            {"image_id": 2, "category_id": 3},
         ],
-    }  # fmt: skip
+    }
     assert primary_categories(coco) == {1: 4, 2: 3, 3: 0}
 
 

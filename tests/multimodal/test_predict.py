@@ -115,8 +115,11 @@ def test_training_checkpoint_loads_ema_fusion_with_config_heads_and_text_constan
     assert inference.model.fusion.levels[0].cross_attn.num_heads == NUM_HEADS
     assert torch.equal(inference.model.text_embeddings, text_embeddings().embeddings)
     assert (inference.class_names, inference.image_size, inference.normalize, inference.variant) == (
-        CLASS_NAMES, 320, None, "atto"
-    )  # fmt: skip
+        CLASS_NAMES,
+        320,
+        None,
+        "atto",
+    )
 
 
 def test_phase0_checkpoint_loads_as_plain_detector(checkpoints):
@@ -173,8 +176,9 @@ def test_predict_writes_coco_results_equal_to_pytorch_postprocessing(prediction,
     index = json.loads((output / "images.json").read_text())
     # Ids are positions among the sorted image files; the broken one (position 1) is left out.
     assert [(entry["id"], entry["file_name"], entry["width"], entry["height"]) for entry in index["images"]] == [
-        (0, "a_first.png", 400, 300), (2, "nested/c_second.jpg", 250, 330)
-    ]  # fmt: skip
+        (0, "a_first.png", 400, 300),
+        (2, "nested/c_second.jpg", 250, 330),
+    ]
     assert index["categories"] == [{"id": k + 1, "name": name} for k, name in enumerate(CLASS_NAMES)]
     annotation = {"id": 1, "image_id": 0, "category_id": 1, "bbox": [10, 10, 50, 40], "area": 2000, "iscrowd": 0}
     ground_truth = COCO({**index, "annotations": [annotation]})
@@ -200,8 +204,9 @@ def test_predict_draws_one_png_per_readable_image_at_its_original_size(predictio
     index = json.loads((output / "images.json").read_text())
     assert [entry["visualization"] for entry in index["images"]] == ["a_first.png", "nested/c_second.png"]
     assert sorted(path.relative_to(output).as_posix() for path in output.rglob("*.png")) == [
-        "a_first.png", "nested/c_second.png"
-    ]  # fmt: skip
+        "a_first.png",
+        "nested/c_second.png",
+    ]
     for entry in index["images"]:
         with Image.open(output / entry["visualization"]) as drawing:
             assert drawing.size == (entry["width"], entry["height"])
