@@ -156,12 +156,12 @@ def evaluate(model, run: Run, val: tuple) -> dict:
     return metrics
 
 
-def build_optimization(index: int, model, parts: dict, policy, run: Run) -> tuple:
+def build_optimization(index: int, lr: float, model, parts: dict, policy, run: Run) -> tuple:
     """AdamW over exactly this phase's trainable parameters, and an EMA restarted for the phase (or None)."""
     phase, variant = run.config.phase(index), get_variant(run.config.model.variant)
     backbone_lr_ratio = variant.backbone_lr / variant.base_lr  # only phase 0 trains the backbone
     fused = run.device.type == "cuda"
-    optimizer = build_optimizer(parts, phase.trainable, phase.lr, phase.weight_decay, backbone_lr_ratio, fused=fused)
+    optimizer = build_optimizer(parts, phase.trainable, lr, phase.weight_decay, backbone_lr_ratio, fused=fused)
     if not phase.ema:
         return optimizer, None
     names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
@@ -208,9 +208,10 @@ def run_phase(index: int, model, constants, start: StartPoint, run: Run, monitor
     output_switches = (decoder, decoder.decoder)
     policy = apply_phase(model, parts, phase.trainable, constants)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    run.log(f"phase {index}: training {phase.trainable} ({trainable:,} parameters), lr {phase.lr:g}")
+    lr = phase.lr if phase.lr is not None else variant.base_lr
+    run.log(f"phase {index}: training {phase.trainable} ({trainable:,} parameters), lr {lr:g}")
 
-    optimizer, ema = build_optimization(index, model, parts, policy, run)
+    optimizer, ema = build_optimization(index, lr, model, parts, policy, run)
     state = {"epoch": 0, "step": 0, "batch": 0, "nonfinite_in_a_row": 0, "nonfinite_total": 0}
     state["max_nonfinite"] = run.config.monitor.max_nonfinite_steps
     history, best = [], None

@@ -62,7 +62,7 @@ class FusionConfig:
 @dataclass(frozen=True)
 class PhaseConfig:
     trainable: list[str] = field(default_factory=list)
-    lr: float = 2e-4
+    lr: float | None = 2e-4  # None: the variant's DEIMv2 base LR (phase 0's default)
     epochs: int = 12
     warmup_iters: int = 100
     scheduler: str = "cosine"  # "cosine" or "flatcosine"
@@ -94,7 +94,7 @@ class TrainConfig:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     phase0: PhaseConfig = field(
         default_factory=lambda: PhaseConfig(
-            trainable=["backbone", "encoder", "decoder"], lr=1e-3, epochs=72, augmentation="deimv2"
+            trainable=["backbone", "encoder", "decoder"], lr=None, epochs=72, augmentation="deimv2"
         )
     )
     phase1: PhaseConfig = field(default_factory=lambda: PhaseConfig(trainable=["fusion"], lr=2e-4))
@@ -218,7 +218,7 @@ def validate(config: TrainConfig) -> None:
             raise ConfigError(f"phase{index}.scheduler: {phase.scheduler!r} is not 'cosine' or 'flatcosine'")
         if phase.augmentation not in ("finetune", "deimv2"):
             raise ConfigError(f"phase{index}.augmentation: {phase.augmentation!r} is not 'finetune' or 'deimv2'")
-        if phase.lr <= 0 or phase.epochs < 1:
+        if (phase.lr is not None and phase.lr <= 0) or phase.epochs < 1:
             raise ConfigError(f"phase{index}: lr must be > 0 and epochs ≥ 1 (got lr {phase.lr}, epochs {phase.epochs})")
         if index > 0 and "backbone" in phase.trainable and not config.allow_backbone_training:
             raise ConfigError(
