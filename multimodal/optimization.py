@@ -5,7 +5,7 @@ import math
 from collections.abc import Sequence
 
 import torch
-from torch import Tensor, nn
+from torch import nn
 
 
 def build_optimizer(
@@ -75,22 +75,35 @@ class ModelEMA:
         self.decay = decay
         self.warmups = warmups
         self.updates = 0
+        self._source: nn.Module | None = None
+        self._averaged: list[tuple[nn.Module, nn.Module, str]] = []
+        self._copied: list[tuple[nn.Module, nn.Module, str]] = []
 
-    def _tensors(self, model: nn.Module) -> dict[str, Tensor]:
-        tensors = dict(model.named_parameters())
-        tensors.update(model.named_buffers())
-        return tensors
+    def _resolve(self, model: nn.Module) -> None:
+        """Find the (EMA module, model module, attribute) of every tracked name, once per source model.
+
+        Walking all named tensors of the model on every update costs milliseconds; the owning modules do not change,
+        and reading the attribute at each update still sees tensors that ``.to()`` or an assignment replaced.
+        """
+        self._averaged, self._copied = [], []
+        for name in self.tracked:
+            prefix, _, attribute = name.rpartition(".")
+            owners = (self.module.get_submodule(prefix), model.get_submodule(prefix), attribute)
+            floating = getattr(owners[0], attribute).is_floating_point()
+            (self._averaged if floating else self._copied).append(owners)
+        self._source = model
 
     @torch.no_grad()
     def update(self, model: nn.Module) -> None:
+        """Move every tracked floating tensor towards ``model``'s by 1 − d; copy the tracked integer ones."""
+        if model is not self._source:
+            self._resolve(model)
         self.updates += 1
         d = self.decay * (1 - math.exp(-self.updates / self.warmups))
-        ema, current = self._tensors(self.module), self._tensors(model)
-        averaged = [name for name in self.tracked if ema[name].is_floating_point()]
-        torch._foreach_lerp_([ema[n] for n in averaged], [current[n].detach() for n in averaged], 1 - d)
-        for name in self.tracked:
-            if not ema[name].is_floating_point():
-                ema[name].copy_(current[name])
+        ema = [getattr(mine, attribute) for mine, _, attribute in self._averaged]
+        torch._foreach_lerp_(ema, [getattr(theirs, attribute) for _, theirs, attribute in self._averaged], 1 - d)
+        for mine, theirs, attribute in self._copied:
+            getattr(mine, attribute).copy_(getattr(theirs, attribute))
 
     def state_dict(self) -> dict:
         return {"module": self.module.state_dict(), "updates": self.updates}

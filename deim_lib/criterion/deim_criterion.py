@@ -15,14 +15,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deim_lib.box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
-from deim_lib.criterion.matcher import HungarianMatcher
+from deim_lib.criterion.matcher import HungarianMatcher, Indices
 from deim_lib.decoder.fdr import bbox2distance
 from deim_lib.variants import get_variant
 
-Indices = list[tuple[Tensor, Tensor]]
-
 _LOSS_KEYS = {"mal": ("loss_mal",), "boxes": ("loss_bbox", "loss_giou"), "local": ("loss_fgl", "loss_ddf")}
 _DDF_TEMPERATURE = 5.0
+_KEY_SHIFT = 32  # a (query, gt) pair packed into one int64 key; both are far below 2**31
 
 
 @dataclass
@@ -31,6 +30,7 @@ class _CallState:
 
     up: Tensor | None
     reg_scale: Tensor | None
+    distilled: frozenset[int] = frozenset()  # ids of the output dicts that get a DDF term
     fgl_targets: tuple[Tensor, Tensor, Tensor] | None = None
     fgl_targets_dn: tuple[Tensor, Tensor, Tensor] | None = None
     ddf_scales: tuple[Tensor, Tensor] | None = None
@@ -38,7 +38,7 @@ class _CallState:
 
 @dataclass
 class _Matched:
-    """Matched (image, query) positions of one output and their ground truth, flattened over the batch."""
+    """Matched (image, query) positions of one matching and their ground truth, flattened over the batch."""
 
     batch_idx: Tensor  # int64 [N]
     query_idx: Tensor  # int64 [N]
@@ -97,50 +97,56 @@ class DEIMCriterion(nn.Module):
             Scalar tensors keyed ``loss_<name><suffix>`` with suffixes "", ``_aux_i``, ``_pre``, ``_enc_i``,
             ``_dn_i``, ``_dn_pre``; each already multiplied by its weight, NaN replaced by 0. The training objective
             is their plain sum.
+
+        On an accelerator the host waits for the device twice per call: the matcher's one copy of every cost matrix
+        and, with "local", one read of which layers equal their teacher (plus the box counts under
+        torch.distributed); all matched indices reach the device in one non-blocking copy.
         """
         device = outputs["pred_logits"].device
-        aux_outputs = list(outputs.get("aux_outputs", []))
-        pre_outputs = [outputs["pre_outputs"]] if "pre_outputs" in outputs else []
-        enc_outputs = list(outputs.get("enc_aux_outputs", []))
-
-        indices = self.matcher(outputs, targets, epoch)
-        layer_indices = [self.matcher(out, targets, epoch) for out in aux_outputs + pre_outputs]
-        enc_indices = [self.matcher(out, targets, epoch) for out in enc_outputs]
-        go_indices = _union_indices([indices, *layer_indices, *enc_indices])
-        num_boxes_go = _mean_over_ranks(sum(len(q) for q, _ in go_indices), device)
-        num_boxes = _mean_over_ranks(sum(len(t["labels"]) for t in targets), device)
-
-        state = _CallState(up=outputs.get("up"), reg_scale=outputs.get("reg_scale"))
-        go = (go_indices, num_boxes_go)
         decoder_go = {"boxes", "local"} if self.use_uni_set else set()
         enc_go = {"boxes"} if self.use_uni_set else set()
-        losses = self._output_losses(outputs, targets, (indices, num_boxes), go, decoder_go, state, "")
-        for i, out in enumerate(aux_outputs):
-            own = (layer_indices[i], num_boxes)
-            losses |= self._output_losses(out, targets, own, go, decoder_go, state, f"_aux_{i}")
-        if pre_outputs:
-            own = (layer_indices[-1], num_boxes)
-            losses |= self._output_losses(pre_outputs[0], targets, own, go, decoder_go, state, "_pre")
-        for i, out in enumerate(enc_outputs):
-            losses |= self._output_losses(out, targets, (enc_indices[i], num_boxes), go, enc_go, state, f"_enc_{i}")
+        # (output, key suffix, losses that use the union matching), in official order; each has its own matching.
+        plan = [(outputs, "", decoder_go)]
+        plan += [(out, f"_aux_{i}", decoder_go) for i, out in enumerate(outputs.get("aux_outputs", []))]
+        plan += [(outputs["pre_outputs"], "_pre", decoder_go)] if "pre_outputs" in outputs else []
+        plan += [(out, f"_enc_{i}", enc_go) for i, out in enumerate(outputs.get("enc_aux_outputs", []))]
+        dn_plan = [(out, f"_dn_{i}") for i, out in enumerate(outputs.get("dn_outputs", []))]
+        dn_plan += (
+            [(outputs["dn_pre_outputs"], "_dn_pre")] if "dn_outputs" in outputs and "dn_pre_outputs" in outputs else []
+        )
 
-        if "dn_outputs" in outputs:
-            dn_meta = outputs["dn_meta"]
-            dn = (_denoising_indices(dn_meta, targets), num_boxes * dn_meta["dn_num_group"])
-            dn_outputs = [(out, f"_dn_{i}") for i, out in enumerate(outputs["dn_outputs"])]
-            if "dn_pre_outputs" in outputs:
-                dn_outputs.append((outputs["dn_pre_outputs"], "_dn_pre"))
-            for out, suffix in dn_outputs:
-                losses |= self._output_losses(out, targets, dn, dn, set(), state, suffix, is_dn=True)
+        # Every matching is computed, moved to the device and gathered once; the outputs below share them.
+        own = self.matcher([out for out, _, _ in plan], targets, epoch)
+        distilled: frozenset[int] = frozenset()
+        if "local" in self.losses:
+            # Decided right after matching, whose host copy has just drained the device, so this read waits little.
+            distilled = _distilled_outputs([out for out, _, _ in plan] + [out for out, _ in dn_plan])
+        go = [_union_indices(own)] if self.use_uni_set else []
+        dn_meta = outputs["dn_meta"] if dn_plan else None
+        matched = _gather_matched(targets, [*own, *go], dn_meta, device)
+        counts = [sum(len(t["labels"]) for t in targets)] + [len(matched[len(own)].batch_idx) for _ in go]
+        num_boxes, *num_boxes_go = _mean_over_ranks(counts, device)
+        go_pair = (matched[len(own)], num_boxes_go[0]) if go else None
+
+        state = _CallState(up=outputs.get("up"), reg_scale=outputs.get("reg_scale"), distilled=distilled)
+        losses: dict[str, Tensor] = {}
+        for (out, suffix, go_losses), own_matched in zip(plan, matched[: len(own)], strict=True):
+            losses |= self._output_losses(out, (own_matched, num_boxes), go_pair, go_losses, state, suffix)
+        if dn_meta is not None:
+            dn = (matched[-1], num_boxes * dn_meta["dn_num_group"])
+            for out, suffix in dn_plan:
+                losses |= self._output_losses(out, dn, dn, set(), state, suffix, is_dn=True)
+        if not losses:
+            return {}
         # A NaN term (e.g. an empty side of a mean) must not poison the sum; inf is kept so divergence stays visible.
-        return {k: torch.where(v.isnan(), torch.zeros_like(v), v) for k, v in losses.items()}
+        values = torch.stack(list(losses.values()))
+        return dict(zip(losses, torch.where(values.isnan(), 0.0, values).unbind(), strict=True))
 
     def _output_losses(
         self,
         output: dict,
-        targets: list[dict],
-        own: tuple[Indices, float],
-        go: tuple[Indices, float],
+        own: tuple[_Matched, float],
+        go: tuple[_Matched, float] | None,
         go_losses: set[str],
         state: _CallState,
         suffix: str,
@@ -151,8 +157,7 @@ class DEIMCriterion(nn.Module):
         for loss in self.losses:
             if loss == "local" and "pred_corners" not in output:
                 continue  # the pre and encoder heads predict plain boxes, without edge distributions
-            indices, num_boxes = go if loss in go_losses else own
-            matched = _gather_matched(targets, indices, output["pred_logits"].device)
+            matched, num_boxes = go if loss in go_losses else own
             if loss == "mal":
                 terms |= self._loss_mal(output, matched, num_boxes)
             elif loss == "boxes":
@@ -166,10 +171,9 @@ class DEIMCriterion(nn.Module):
         logits = output["pred_logits"]  # [B, Q, C]
         pos = (matched.batch_idx, matched.query_idx)
         iou = _paired_iou(output["pred_boxes"][pos].detach(), matched.boxes)
-        classes = torch.full(logits.shape[:2], self.num_classes, dtype=torch.int64, device=logits.device)
-        classes[pos] = matched.labels
-        # The extra "no object" column absorbs unmatched queries and is dropped.
-        one_hot = F.one_hot(classes, self.num_classes + 1)[..., :-1]
+        # Set by indexing: F.one_hot would check the label range by reading the labels on the host.
+        one_hot = torch.zeros(logits.shape, dtype=torch.int64, device=logits.device)
+        one_hot[(*pos, matched.labels)] = 1
         quality = torch.zeros(logits.shape[:2], dtype=logits.dtype, device=logits.device)
         quality[pos] = iou.to(logits.dtype)
         target = (quality.unsqueeze(-1) * one_hot).pow(self.gamma)
@@ -180,7 +184,7 @@ class DEIMCriterion(nn.Module):
     def _loss_local(
         self, output: dict, matched: _Matched, num_boxes: float, state: _CallState, is_dn: bool
     ) -> dict[str, Tensor]:
-        """FGL on the matched edge distributions, plus DDF towards the teacher (final layer) where present."""
+        """FGL on the matched edge distributions, plus DDF towards the teacher (final layer) for distilled outputs."""
         bins = self.reg_max + 1
         pos = (matched.batch_idx, matched.query_idx)
         cached = state.fgl_targets_dn if is_dn else state.fgl_targets
@@ -203,24 +207,17 @@ class DEIMCriterion(nn.Module):
             + F.cross_entropy(pred_corners, left_bin + 1, reduction="none") * weight_right
         ) * iou.repeat_interleave(4)
         terms = {"loss_fgl": fgl.sum() / num_boxes}
-        if "teacher_corners" in output:
-            ddf = self._loss_ddf(output, pos, iou, state, is_dn)
-            if ddf is not None:
-                terms["loss_ddf"] = ddf
+        if id(output) in state.distilled:
+            terms["loss_ddf"] = self._loss_ddf(output, pos, iou, state, is_dn)
         return terms
 
     def _loss_ddf(
         self, output: dict, pos: tuple[Tensor, Tensor], iou: Tensor, state: _CallState, is_dn: bool
-    ) -> Tensor | None:
-        """Decoupled distillation: KL from the teacher's edge distributions, matched and unmatched edges balanced.
-
-        Returns None when the output is its own teacher (its corners equal the teacher's exactly).
-        """
+    ) -> Tensor:
+        """Decoupled distillation: KL from the teacher's edge distributions, matched and unmatched edges balanced."""
         bins = self.reg_max + 1
         pred = output["pred_corners"].reshape(-1, bins)  # [B·Q·4, R+1]
         teacher = output["teacher_corners"].reshape(-1, bins).detach()
-        if torch.equal(pred, teacher):
-            return None
         weight = output["teacher_logits"].detach().sigmoid().amax(dim=-1)  # [B, Q]
         weight[pos] = iou.to(weight.dtype)
         mask = torch.zeros_like(weight, dtype=torch.bool)
@@ -229,14 +226,17 @@ class DEIMCriterion(nn.Module):
         T = _DDF_TEMPERATURE
         kl = F.kl_div(F.log_softmax(pred / T, dim=1), F.softmax(teacher / T, dim=1), reduction="none").sum(-1)
         loss = weight * (T**2) * kl
+        num_matched, num_unmatched = mask.sum(), (~mask).sum()
         if not is_dn or state.ddf_scales is None:
             # The positive/negative balance comes from the latest non-denoising output; denoising outputs reuse it,
             # as official DEIMv2 does (they only compute it themselves if no earlier output had a DDF term).
             batch_scale = 8 / output["pred_boxes"].shape[0]
-            state.ddf_scales = ((mask.sum() * batch_scale) ** 0.5, ((~mask).sum() * batch_scale) ** 0.5)
+            state.ddf_scales = ((num_matched * batch_scale) ** 0.5, (num_unmatched * batch_scale) ** 0.5)
         num_pos, num_neg = state.ddf_scales
-        loss_pos = loss[mask].mean() if mask.any() else 0
-        loss_neg = loss[~mask].mean() if (~mask).any() else 0
+        # Masked means with the counts clamped: an empty side gives 0, as official DEIMv2's "else 0", without
+        # reading the mask on the host (equal to the boolean-indexed means up to float summation order).
+        loss_pos = torch.where(mask, loss, 0.0).sum() / num_matched.clamp(min=1)
+        loss_neg = torch.where(mask, 0.0, loss).sum() / num_unmatched.clamp(min=1)
         return (loss_pos * num_pos + loss_neg * num_neg) / (num_pos + num_neg)
 
 
@@ -255,50 +255,118 @@ def _paired_iou(pred_boxes: Tensor, target_boxes: Tensor) -> Tensor:
     return box_iou(box_cxcywh_to_xyxy(pred_boxes)[:, None], box_cxcywh_to_xyxy(target_boxes)[:, None]).flatten()
 
 
-def _gather_matched(targets: list[dict], indices: Indices, device: torch.device) -> _Matched:
-    batch_idx = torch.cat([torch.full_like(q, b) for b, (q, _) in enumerate(indices)]).to(device)
-    query_idx = torch.cat([q for q, _ in indices]).to(device)
-    labels = torch.cat([t["labels"][g.to(t["labels"].device)] for t, (_, g) in zip(targets, indices, strict=True)])
-    boxes = torch.cat([t["boxes"][g.to(t["boxes"].device)] for t, (_, g) in zip(targets, indices, strict=True)])
-    return _Matched(batch_idx, query_idx, labels.to(device), boxes.to(device))
+def _gather_matched(
+    targets: list[dict], matchings: list[Indices], dn_meta: dict | None, device: torch.device
+) -> list[_Matched]:
+    """Each matching flattened over the batch with its ground truth, on ``device``; the denoising one last.
+
+    The host-side indices of all matchings travel in one non-blocking copy and the ground truth of all of them is
+    gathered with one indexing of the concatenated targets (``Indices`` hold per-image target positions).
+    """
+    num_gts = [len(t["labels"]) for t in targets]
+    offsets = torch.tensor([0, *num_gts[:-1]], dtype=torch.int64).cumsum(0)  # image b's first row in the targets
+    rows = [_flat_rows(indices, offsets) for indices in matchings]
+    if dn_meta is not None:
+        rows.append(_denoising_rows(dn_meta, num_gts, offsets))
+    device_rows = _to_device(torch.cat(rows, dim=1), device)  # [3, ΣN] (image, query, target row)
+    labels = torch.cat([t["labels"] for t in targets]).to(device)[device_rows[2]]
+    boxes = torch.cat([t["boxes"] for t in targets]).to(device)[device_rows[2]]
+    sizes = [r.shape[1] for r in rows]
+    parts = zip(device_rows.split(sizes, dim=1), labels.split(sizes), boxes.split(sizes), strict=True)
+    matched = [_Matched(r[0], r[1], lab, box) for r, lab, box in parts]
+    if dn_meta is not None:
+        # The denoising queries are known on the device only; their rows carried placeholders.
+        matched[-1].query_idx = torch.cat(dn_meta["dn_positive_idx"]).long().to(device)
+    return matched
+
+
+def _flat_rows(indices: Indices, offsets: Tensor) -> Tensor:
+    """Per-image (query, target) CPU index pairs → int64 [3, N] rows (image, query, row in the concatenated targets)."""
+    counts = [len(q) for q, _ in indices]
+    sizes, total = torch.tensor(counts, dtype=torch.int64), sum(counts)
+    images = torch.arange(len(indices)).repeat_interleave(sizes, output_size=total)
+    queries = torch.cat([q for q, _ in indices])
+    target_rows = torch.cat([g for _, g in indices]) + offsets.repeat_interleave(sizes, output_size=total)
+    return torch.stack([images, queries, target_rows])
+
+
+def _denoising_rows(dn_meta: dict, num_gts: list[int], offsets: Tensor) -> Tensor:
+    """The k-th positive slot of every denoising group is matched to target k: int64 [3, G·ΣG_b] rows (image, −1, row)
+    in the order of ``dn_meta["dn_positive_idx"]``, whose query positions stay on the device."""
+    per_image = torch.tensor(num_gts, dtype=torch.int64)
+    sizes, total = per_image * dn_meta["dn_num_group"], sum(num_gts) * dn_meta["dn_num_group"]
+    images = torch.arange(len(num_gts)).repeat_interleave(sizes, output_size=total)
+    starts = sizes.cumsum(0) - sizes
+    within = torch.arange(total) - starts.repeat_interleave(sizes, output_size=total)  # slot within the image
+    target_rows = offsets[images] + within % per_image.clamp(min=1)[images]
+    return torch.stack([images, torch.full_like(images, -1), target_rows])
+
+
+def _to_device(host: Tensor, device: torch.device) -> Tensor:
+    """Copy a CPU tensor to ``device`` without blocking the host (from pinned memory on CUDA)."""
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
+def _distilled_outputs(outputs: list[dict]) -> frozenset[int]:
+    """ids of the outputs that get a DDF term: those with teacher corners not equal to their own corners.
+
+    Official DEIMv2 skips an output whose corners equal the teacher's (``torch.equal``): the final layer, which is its
+    own teacher (the very same tensor, so it is skipped without looking at the data), and every layer of a freshly
+    initialised model, whose zero box heads make all layers' corners equal (so the others are compared by value, all
+    with one host read). The one case the identity shortcut decides differently is a final layer with NaN corners,
+    whose DDF term official DEIMv2 would compute as NaN and then zero.
+    """
+    compared = [
+        out
+        for out in outputs
+        if "teacher_corners" in out and "pred_corners" in out and out["pred_corners"] is not out["teacher_corners"]
+    ]
+    if all(out["pred_corners"].device.type == "cpu" for out in compared):
+        # Nothing to wait for on the CPU, and torch.equal stops at the first difference.
+        differs = [not torch.equal(out["pred_corners"], out["teacher_corners"]) for out in compared]
+    else:
+        differs = torch.stack([_differs(out["pred_corners"], out["teacher_corners"]) for out in compared]).tolist()
+    return frozenset(id(out) for out, differ in zip(compared, differs, strict=True) if differ)
+
+
+def _differs(corners: Tensor, teacher: Tensor) -> Tensor:
+    """0-dim bool tensor: not ``torch.equal`` (a NaN differs from everything, itself included)."""
+    if corners.shape != teacher.shape:
+        return torch.ones((), dtype=torch.bool, device=corners.device)
+    return (corners != teacher).any()
 
 
 def _union_indices(matchings: list[Indices]) -> Indices:
     """Per image, each query's most frequent ground truth over several matchings ("go" indices).
 
-    Ties between pairs of equal count keep the first in torch.unique's lexicographic order; the result is ordered by
-    descending count, as official DEIMv2 builds it.
+    Ordered by descending count, as official DEIMv2 builds it, ties broken the way torch's (unstable) CPU argsort of
+    the image's counts breaks them: that order depends on each image's own counts vector, which is why this stays a
+    loop over images (host-side CPU tensors only, so it never waits for the device).
     """
     union = []
     for per_image in zip(*matchings, strict=True):
-        pairs = torch.cat([torch.stack([q, g], dim=1) for q, g in per_image])  # [P, 2] (query, gt)
-        unique, counts = torch.unique(pairs, dim=0, return_counts=True)
-        ranked = unique[torch.argsort(counts, descending=True)]
-        queries, first_of = torch.unique(ranked[:, 0], return_inverse=True)
-        positions = torch.arange(len(ranked), device=ranked.device)
-        first = torch.full_like(queries, len(ranked)).scatter_reduce(0, first_of, positions, reduce="amin")
+        queries, gts = torch.cat([q for q, _ in per_image]), torch.cat([g for _, g in per_image])
+        # One int64 key per (query, gt) pair: sorting keys sorts the pairs lexicographically, as unique(dim=0) does.
+        keys, counts = torch.unique((queries << _KEY_SHIFT) | gts, return_counts=True)
+        ranked = keys[torch.argsort(counts, descending=True)]
+        ranked_queries, first_of = torch.unique(ranked >> _KEY_SHIFT, return_inverse=True)
+        positions = torch.arange(len(ranked))
+        first = torch.full_like(ranked_queries, len(ranked)).scatter_reduce(0, first_of, positions, reduce="amin")
         kept = ranked[first.sort().values]
-        union.append((kept[:, 0], kept[:, 1]))
+        union.append((kept >> _KEY_SHIFT, kept & ((1 << _KEY_SHIFT) - 1)))
     return union
 
 
-def _denoising_indices(dn_meta: dict, targets: list[dict]) -> Indices:
-    """The k-th positive slot of every denoising group is matched to ground truth k."""
-    indices = []
-    for positive, target in zip(dn_meta["dn_positive_idx"], targets, strict=True):
-        num_gt = len(target["labels"])
-        gt = torch.arange(num_gt, dtype=torch.int64, device=positive.device).tile(dn_meta["dn_num_group"])
-        indices.append((positive.long(), gt))
-    return indices
-
-
-def _mean_over_ranks(count: int, device: torch.device) -> float:
-    """``count`` averaged over distributed ranks (when running with more than one), at least 1."""
-    value = torch.tensor([float(count)], device=device)
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(value)
-        value = value / dist.get_world_size()
-    return value.clamp(min=1).item()
+def _mean_over_ranks(counts: list[int], device: torch.device) -> list[float]:
+    """Each count averaged over distributed ranks (when running with more than one), at least 1."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        # The float32 tensor path below gives the same numbers: counts this small are exact in float32.
+        return [max(float(count), 1.0) for count in counts]
+    values = _to_device(torch.tensor(counts, dtype=torch.float32), device)
+    dist.all_reduce(values)
+    return (values / dist.get_world_size()).clamp(min=1).tolist()
 
 
 def build_criterion(variant: str, num_classes: int) -> DEIMCriterion:

@@ -1,14 +1,18 @@
 """Hungarian matching between decoder queries and ground-truth boxes, as official DEIMv2 does it.
 
-The cost matrix of the whole batch is one computation; only the assignment itself runs per image, on the CPU, with
-scipy's ``linear_sum_assignment``.
+The cost matrix of the whole batch is one computation, and the matrices of every output matched in one call reach the
+host in one copy; only the assignment itself runs per image, on the CPU, with scipy's ``linear_sum_assignment``.
 """
+
+from collections.abc import Sequence
 
 import torch
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor, nn
 
 from deim_lib.box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
+
+Indices = list[tuple[Tensor, Tensor]]  # per image: (query indices, target indices)
 
 
 class HungarianMatcher(nn.Module):
@@ -40,44 +44,50 @@ class HungarianMatcher(nn.Module):
         self.matcher_change_epoch = matcher_change_epoch
 
     @torch.no_grad()
-    def forward(self, outputs: dict, targets: list[dict], epoch: int = 0) -> list[tuple[Tensor, Tensor]]:
-        """Match every image of the batch.
+    def forward(self, outputs: dict | Sequence[dict], targets: list[dict], epoch: int = 0) -> Indices | list[Indices]:
+        """Match every image of the batch, for one output or for a list of outputs at once.
 
         Args:
             outputs: ``pred_logits`` float [B, Q, C] (class logits) and ``pred_boxes`` float [B, Q, 4] (cxcywh,
-                normalised); other keys are ignored.
+                normalised), other keys ignored; or a list of such dicts (e.g. every decoder layer), whose cost
+                matrices then reach the host in one device→host copy, so a GPU caller waits for the device once.
             targets: B dicts with ``labels`` int64 [G_b] and ``boxes`` float [G_b, 4] (cxcywh, normalised).
             epoch: 0-based training epoch; selects the cost (see the class docstring).
 
         Returns:
             B pairs ``(query_indices, target_indices)``, int64 CPU tensors of length min(Q, G_b), ordered by
-            ascending query index.
+            ascending query index; for a list of outputs, a list of those, one per output.
         """
-        B, Q = outputs["pred_logits"].shape[:2]
+        if isinstance(outputs, dict):
+            return self._match([outputs], targets, epoch)[0]
+        return self._match(outputs, targets, epoch)
+
+    def _match(self, outputs: Sequence[dict], targets: list[dict], epoch: int) -> list[Indices]:
         sizes = [len(t["boxes"]) for t in targets]
-        if sum(sizes) == 0:
+        if not outputs or sum(sizes) == 0:
             empty = torch.zeros(0, dtype=torch.int64)
-            return [(empty, empty.clone()) for _ in sizes]
+            return [[(empty, empty.clone()) for _ in sizes] for _ in outputs]
 
-        cost = self._cost_matrix(outputs, targets, epoch).view(B, Q, -1).cpu()
+        labels, boxes = torch.cat([t["labels"] for t in targets]), torch.cat([t["boxes"] for t in targets])
+        costs = [self._cost_matrix(out, labels, boxes, epoch) for out in outputs]
+        flat = torch.cat([cost.flatten() for cost in costs])
         # NaN costs (e.g. 0/0 IoU of two degenerate boxes) would make scipy fail; official DEIMv2 treats them as 1.
-        cost = torch.where(cost.isnan(), torch.ones_like(cost), cost)
-        indices = []
-        for b, block in enumerate(cost.split(sizes, dim=-1)):
-            rows, cols = linear_sum_assignment(block[b].numpy())
-            indices.append((torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)))
-        return indices
+        flat = torch.where(flat.isnan(), 1.0, flat).cpu()
+        matchings = []
+        for out, cost in zip(outputs, flat.split([c.numel() for c in costs]), strict=True):
+            B, Q = out["pred_logits"].shape[:2]
+            blocks = cost.view(B, Q, -1).split(sizes, dim=-1)
+            matchings.append([_assign(block[b]) for b, block in enumerate(blocks)])
+        return matchings
 
-    def _cost_matrix(self, outputs: dict, targets: list[dict], epoch: int) -> Tensor:
+    def _cost_matrix(self, outputs: dict, target_labels: Tensor, target_boxes: Tensor, epoch: int) -> Tensor:
         """Cost of every (query of the batch, target of the batch) pair: float [B·Q, ΣG_b]."""
         prob = outputs["pred_logits"].flatten(0, 1).sigmoid()
         pred_boxes = outputs["pred_boxes"].flatten(0, 1)
-        target_labels = torch.cat([t["labels"] for t in targets])
-        target_boxes = torch.cat([t["boxes"] for t in targets])
         prob = prob[:, target_labels]
 
         if self.change_matcher and epoch >= self.matcher_change_epoch:
-            # Plain IoU without eps: two empty boxes give NaN, which forward() replaces.
+            # Plain IoU without eps: two empty boxes give NaN, which _match() replaces.
             iou = box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(target_boxes))
             return -(prob * iou**self.iou_order_alpha)
 
@@ -87,3 +97,9 @@ class HungarianMatcher(nn.Module):
         cost_bbox = torch.cdist(pred_boxes, target_boxes, p=1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(target_boxes))
         return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+
+
+def _assign(cost: Tensor) -> tuple[Tensor, Tensor]:
+    """Minimum-cost one-to-one assignment of a float CPU [Q, G] block: (query, target) int64 indices."""
+    rows, cols = linear_sum_assignment(cost.numpy())
+    return torch.as_tensor(rows, dtype=torch.int64), torch.as_tensor(cols, dtype=torch.int64)

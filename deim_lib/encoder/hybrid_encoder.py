@@ -44,6 +44,10 @@ def build_2d_sincos_position_embedding(width: int, height: int, dim: int, temper
     return torch.cat([a.sin(), a.cos(), b.sin(), b.cos()], dim=1)[None]
 
 
+def _eval_pos_embed_name(level: int) -> str:
+    return f"eval_pos_embed_{level}"
+
+
 def _input_projection(in_channels: int, hidden_dim: int) -> nn.Module:
     if in_channels == hidden_dim:
         return nn.Identity()
@@ -126,20 +130,21 @@ class HybridEncoder(nn.Module):
         self.downsample_convs = nn.ModuleList([copy.deepcopy(downsample) for _ in range(num_fusions)])
         self.pan_blocks = nn.ModuleList([copy.deepcopy(fuse_block) for _ in range(num_fusions)])
 
-        # Not a buffer: official checkpoints have no key for it.
-        self._eval_pos_embed: dict[int, Tensor] = {}
+        # Non-persistent buffers: official checkpoints have no key for them, but .to(device) moves them once, so an
+        # eval forward (frozen encoder in phases 1–3, evaluation) copies nothing from the host.
         if eval_spatial_size is not None:
             for idx in self.use_encoder_idx:
                 stride = self.feat_strides[idx]
                 w, h = eval_spatial_size[1] // stride, eval_spatial_size[0] // stride
-                self._eval_pos_embed[idx] = build_2d_sincos_position_embedding(w, h, hidden_dim, pe_temperature)
+                table = build_2d_sincos_position_embedding(w, h, hidden_dim, pe_temperature)
+                self.register_buffer(_eval_pos_embed_name(idx), table, persistent=False)
 
     def _position_embedding(self, level: int, height: int, width: int, like: Tensor) -> Tensor:
         # Eval at eval_spatial_size reuses the cached table; training (multi-scale) recomputes it for the batch size.
         if self.training or self.eval_spatial_size is None:
             pos = build_2d_sincos_position_embedding(width, height, self.hidden_dim, self.pe_temperature)
         else:
-            pos = self._eval_pos_embed[level]
+            pos = getattr(self, _eval_pos_embed_name(level))
             if pos.shape[1] != height * width:
                 raise ValueError(
                     f"HybridEncoder in eval mode expects inputs of eval_spatial_size {self.eval_spatial_size}; "

@@ -267,3 +267,147 @@ def test_denoising_losses_exist_and_gradient_reaches_every_trainable_parameter(r
         if p.requires_grad and (p.grad is None or not p.grad.abs().sum() > 0)
     ]
     assert missing == []
+
+
+# --- the batched criterion against the per-output, per-image implementation it replaced ------------------------------
+
+
+def _denoising_batch() -> tuple[dict, list[dict]]:
+    generator = torch.Generator().manual_seed(7)
+    targets = _random_targets([3, 0, 5, 1], generator)
+    outputs = _synthetic_outputs(4, 12, 4, generator, dn_targets=targets)
+    # Equal to the final layer by value but not the same tensor, as every layer of a freshly initialised model.
+    outputs["aux_outputs"][1]["pred_corners"] = outputs["pred_corners"].detach().clone()
+    return outputs, targets
+
+
+# Recorded on torch 2.14.1 (CPU, float32) with the criterion as of commit 9a42564 (per-output, per-image gathers,
+# boolean-indexed DDF means), before it was batched; tests/deim_lib/test_criterion.py::_denoising_batch, variant "s".
+_RECORDED_DN_LOSSES = {
+    "loss_bbox": 4.2005839347839355,
+    "loss_bbox_aux_0": 4.409571170806885,
+    "loss_bbox_aux_1": 3.8645200729370117,
+    "loss_bbox_aux_2": 3.9167685508728027,
+    "loss_bbox_dn_0": 4.195984840393066,
+    "loss_bbox_dn_1": 3.964138984680176,
+    "loss_bbox_dn_2": 3.7336409091949463,
+    "loss_bbox_dn_3": 4.2996907234191895,
+    "loss_bbox_dn_pre": 3.914012908935547,
+    "loss_bbox_enc_0": 4.002609729766846,
+    "loss_bbox_pre": 3.5026071071624756,
+    "loss_ddf_aux_0": 0.5893865823745728,
+    "loss_ddf_aux_2": 0.6179748177528381,
+    "loss_ddf_dn_0": 0.610152006149292,
+    "loss_ddf_dn_1": 0.61997389793396,
+    "loss_ddf_dn_2": 0.6380031108856201,
+    "loss_fgl": 0.2862747311592102,
+    "loss_fgl_aux_0": 0.26268085837364197,
+    "loss_fgl_aux_1": 0.3337160646915436,
+    "loss_fgl_aux_2": 0.3172589838504791,
+    "loss_fgl_dn_0": 0.2719649076461792,
+    "loss_fgl_dn_1": 0.2982110381126404,
+    "loss_fgl_dn_2": 0.34095415472984314,
+    "loss_fgl_dn_3": 0.28897929191589355,
+    "loss_giou": 1.9682135581970215,
+    "loss_giou_aux_0": 2.043649435043335,
+    "loss_giou_aux_1": 1.9751683473587036,
+    "loss_giou_aux_2": 1.9180105924606323,
+    "loss_giou_dn_0": 2.1121861934661865,
+    "loss_giou_dn_1": 1.9902303218841553,
+    "loss_giou_dn_2": 1.9474669694900513,
+    "loss_giou_dn_3": 1.957171082496643,
+    "loss_giou_dn_pre": 1.9012154340744019,
+    "loss_giou_enc_0": 1.8659659624099731,
+    "loss_giou_pre": 1.8175158500671387,
+    "loss_mal": 13.602826118469238,
+    "loss_mal_aux_0": 13.545184135437012,
+    "loss_mal_aux_1": 13.96157455444336,
+    "loss_mal_aux_2": 13.38332748413086,
+    "loss_mal_dn_0": 11.62820816040039,
+    "loss_mal_dn_1": 11.580836296081543,
+    "loss_mal_dn_2": 11.689282417297363,
+    "loss_mal_dn_3": 11.205753326416016,
+    "loss_mal_dn_pre": 11.568873405456543,
+    "loss_mal_enc_0": 13.286848068237305,
+    "loss_mal_pre": 13.066167831420898,
+}
+
+
+def test_batched_criterion_with_denoising_equals_the_recorded_per_image_losses():
+    outputs, targets = _denoising_batch()
+    losses = _criterion("s")(outputs, targets)
+    assert set(losses) == _expected_keys(4, 4) - {"loss_ddf_aux_1"} == set(_RECORDED_DN_LOSSES)
+    for key, value in _RECORDED_DN_LOSSES.items():
+        assert losses[key].item() == pytest.approx(value, rel=1e-6, abs=1e-9), key
+
+
+def test_criterion_reads_nothing_back_on_the_host_but_the_teacher_check():
+    outputs, targets = _denoising_batch()
+    criterion = _criterion("s")
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        criterion(outputs, targets)
+    calls = [e.name for e in prof.events()]
+    reads = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::is_nonzero")
+    assert [name for name in calls if name in reads] == []
+    # On the CPU the teacher check is torch.equal, once per layer that is not the final one of its kind (3 + 3).
+    assert calls.count("aten::equal") == 6
+
+
+def test_matching_several_outputs_at_once_equals_matching_each():
+    outputs, targets = _denoising_batch()
+    layers = [outputs, *outputs["aux_outputs"], outputs["pre_outputs"], *outputs["enc_aux_outputs"]]
+    for epoch in (0, 100):
+        matcher = HungarianMatcher()
+        together = matcher(layers, targets, epoch)
+        assert len(together) == len(layers)
+        for layer, matching in zip(layers, together, strict=True):
+            for (queries, gts), (ref_queries, ref_gts) in zip(matching, matcher(layer, targets, epoch), strict=True):
+                assert torch.equal(queries, ref_queries) and torch.equal(gts, ref_gts)
+
+
+def _union_by_rows(matchings):
+    """The union as official DEIMv2 writes it: unique rows, argsort of their counts, first pair of each query."""
+    union = []
+    for per_image in zip(*matchings, strict=True):
+        pairs = torch.cat([torch.stack([q, g], dim=1) for q, g in per_image])
+        unique, counts = torch.unique(pairs, dim=0, return_counts=True)
+        ranked = unique[torch.argsort(counts, descending=True)]
+        seen, kept = set(), []
+        for query, gt in ranked.tolist():
+            if query not in seen:
+                seen.add(query)
+                kept.append((query, gt))
+        union.append((torch.tensor([q for q, _ in kept]), torch.tensor([g for _, g in kept])))
+    return union
+
+
+def test_union_indices_break_ties_as_the_row_wise_union_with_many_pairs_per_image():
+    from deim_lib.criterion.deim_criterion import _union_indices
+
+    # Over 16 distinct pairs per image, torch's unstable CPU argsort no longer keeps ties in input order.
+    generator = torch.Generator().manual_seed(5)
+    matchings = []
+    for _ in range(7):
+        images = []
+        for num_gt in (9, 0, 14):
+            queries = torch.randperm(30, generator=generator)[:num_gt].sort().values
+            images.append((queries, torch.randint(0, max(num_gt, 1), (num_gt,), generator=generator)))
+        matchings.append(images)
+    union = _union_indices(matchings)
+    expected = _union_by_rows(matchings)
+    assert min(len(queries) for queries, _ in union if len(queries)) > 16
+    for (queries, gts), (ref_queries, ref_gts) in zip(union, expected, strict=True):
+        assert queries.tolist() == ref_queries.tolist() and gts.tolist() == ref_gts.tolist()
+
+
+def test_teacher_check_by_value_agrees_with_torch_equal():
+    from deim_lib.criterion.deim_criterion import _differs
+
+    corners = torch.randn(2, 5, 12)
+    nan = corners.clone()
+    nan[0, 0, 0] = math.nan
+    other = corners.clone()
+    other[1, 4, 11] += 1e-6
+    for teacher in (corners, corners.clone(), nan, other, corners[:, :4]):
+        assert _differs(corners, teacher).item() == (not torch.equal(corners, teacher))
+    assert _differs(nan, nan.clone()).item()
