@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # NEU-DET: base detector, then progressive (phases 1 → 2 → 3) vs joint fine-tuning at two learning rates.
-# Every fine-tuning run starts from the same base checkpoint and trains the same number of epochs (8) with the
-# same fusion module. Run from the repository root; outputs go to runs/neu_det/ (git-ignored).
+# Every fine-tuning run starts from the same base checkpoint and trains the same fusion module for the same number
+# of epochs (5 in all). Run from the repository root; outputs go to runs/neu_det/ (git-ignored).
 set -euo pipefail
 python=${PYTHON:-.venv/bin/python}
 config=configs/neu_det.yaml
@@ -12,18 +12,18 @@ $python -m deim_lib.data.voc2coco --images ../shared/datasets/neu-det/images \
     --annotations ../shared/datasets/neu-det/annotations --output data/neu_det.json --val-fraction 0.2 --seed 0
 
 # 2. Base detector: atto from scratch (no pretrained backbone is available offline).
-$python train_progressive.py --config $config --phase 0 --output-dir $out/base --set phase0.epochs=16
+$python train_progressive.py --config $config --phase 0 --output-dir $out/base
 base=$out/base/phase0_best.pth
 
-# 3. Progressive: fusion (3 epochs, 2e-4) → + class heads (3, 5e-5) → + decoder (2, 2e-5).
+# 3. Progressive: fusion (2 epochs, 2e-4) → + class heads (2, 5e-5) → + decoder (1, 2e-5).
 $python train_progressive.py --config $config --phase 1 --init $base --output-dir $out/progressive
 $python train_progressive.py --config $config --phase 2 --output-dir $out/progressive
 $python train_progressive.py --config $config --phase 3 --output-dir $out/progressive
 
-# 4. Joint controls: fusion + encoder + decoder (everything but the backbone) from the first step, 8 epochs.
+# 4. Joint controls: fusion + encoder + decoder (everything but the backbone) from the first step, 5 epochs.
 for lr in 2e-5 2e-4; do
   $python train_progressive.py --config $config --phase 1 --init $base --output-dir $out/joint_$lr \
-      --set "phase1.trainable=[fusion, encoder, decoder]" --set phase1.lr=$lr --set phase1.epochs=8
+      --set "phase1.trainable=[fusion, encoder, decoder]" --set phase1.lr=$lr --set phase1.epochs=5
 done
 
 # 5. Tables and the AP-per-epoch figure.
