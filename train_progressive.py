@@ -13,7 +13,6 @@ The backbone never trains after phase 0. Every phase starts from the previous ph
 
 import argparse
 import json
-import os
 import random
 import sys
 import time
@@ -33,6 +32,7 @@ from deim_lib.variants import get_variant
 from multimodal.checkpointing import (
     StartPoint,
     phase_checkpoint_path,
+    prepare_output_dir,
     resolve_start,
     restore_training_state,
     save_training_checkpoint,
@@ -96,6 +96,17 @@ class Run:
             tqdm.write(message)
 
 
+def float32(outputs):
+    """The model's outputs with bf16 tensors upcast: the DEIMv2 loss is computed in float32."""
+    if isinstance(outputs, dict):
+        return {key: float32(value) for key, value in outputs.items()}
+    if isinstance(outputs, list | tuple):
+        return type(outputs)(float32(value) for value in outputs)
+    if isinstance(outputs, torch.Tensor) and outputs.dtype == torch.bfloat16:
+        return outputs.float()
+    return outputs
+
+
 def train_one_epoch(model, criterion, loader, optimizer, ema, run: Run, phase: PhaseConfig, state: dict, save_fn):
     """One pass over ``loader``; ``state`` holds the phase's global step and non-finite counters (updated in place).
 
@@ -114,13 +125,15 @@ def train_one_epoch(model, criterion, loader, optimizer, ema, run: Run, phase: P
         set_lr(optimizer, factor)
         with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_amp):
             outputs = model(images, targets)
-        losses = criterion(outputs, targets, epoch=state["epoch"])  # DEIMv2 computes its loss in float32
+        losses = criterion(float32(outputs) if use_amp else outputs, targets, epoch=state["epoch"])
         loss = sum(losses.values())
 
         optimizer.zero_grad(set_to_none=True)
+        state["batch"] += 1  # position in the epoch (what resuming skips), whether or not the step is taken
         if not all_ranks_agree(bool(torch.isfinite(loss)), run.device):
             state["nonfinite_in_a_row"] += 1
             state["nonfinite_total"] += 1
+            run.log(f"warning: non-finite loss at step {state['step']}; step skipped")
             if state["nonfinite_in_a_row"] >= state["max_nonfinite"]:
                 return None
             continue
@@ -133,7 +146,6 @@ def train_one_epoch(model, criterion, loader, optimizer, ema, run: Run, phase: P
         if ema is not None:
             ema.update(unwrap(model))
         state["step"] += 1
-        state["batch"] += 1
 
         count += 1
         seen += len(images) * run.world_size
@@ -321,15 +333,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"data.batch_size {config.data.batch_size} is the global batch and must divide evenly over "
                 f"{context.world_size} processes"
             )
-        output_dir = Path(args.output_dir)
-        try:
-            output_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise OSError(
-                f"{output_dir}: cannot create the output directory ({error.strerror}); pass --output-dir"
-            ) from None
-        if not os.access(output_dir, os.W_OK):
-            raise OSError(f"{output_dir}: the output directory is not writable; pass another --output-dir")
+        output_dir = prepare_output_dir(args.output_dir)
         random.seed(args.seed + context.rank)
         np.random.seed(args.seed + context.rank)
         torch.manual_seed(args.seed + context.rank)

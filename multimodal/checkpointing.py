@@ -55,6 +55,19 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def prepare_output_dir(path: str | Path) -> Path:
+    """Create the output directory; an impossible or read-only one is a one-line error before any work starts."""
+    path = Path(path)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise OSError(f"{path}: cannot create the output directory ({reason}); pass another --output-dir") from None
+    if not os.access(path, os.W_OK):
+        raise OSError(f"{path}: the output directory is not writable; pass another --output-dir")
+    return path
+
+
 def phase_checkpoint_path(output_dir: str | Path, phase: int, kind: str) -> Path:
     return Path(output_dir) / f"phase{phase}_{kind}.pth"
 
