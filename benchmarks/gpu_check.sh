@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
 # The device check of the speed work, in one run on one GPU (about 5 minutes on an H100): the table for
-# variants s and m (bs 16, 640 px, bf16), the step breakdown and sync counts of the s phase-1 step, and the
-# official-parity tests on CUDA-free float32 (they must stay green after speed changes).
-# Writes its records under ${OUT:-benchmarks/results}.
+# variants s and m (bs 16, 640 px, bf16) and the step breakdown and sync counts of the s phase-1 step.
+# Needs only torch, torchvision, scipy and PyYAML. Writes its records under ${OUT:-benchmarks/results}.
 set -euo pipefail
 out=${OUT:-benchmarks/results}
 mkdir -p "$out"
