@@ -39,6 +39,7 @@ class DataConfig:
     classes: dict[str, list[str]] = field(default_factory=dict)
     synthetic_dir: str | None = None  # generate the synthetic demo dataset here when missing; replaces the paths
     synthetic_seed: int = 0
+    synthetic_images: list[int] = field(default_factory=lambda: [300, 80])  # generated (train, val) images
     batch_size: int = 16  # global batch over all processes: each of N torchrun processes loads batch_size / N
     val_batch_size: int = 32
     num_workers: int = 2

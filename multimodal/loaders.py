@@ -43,7 +43,8 @@ def prepare_synthetic_data(data: DataConfig) -> bool:
     paths = data_paths(data)
     if not data.synthetic_dir or paths["val_annotations"].is_file():
         return False
-    generate(data.synthetic_dir, seed=data.synthetic_seed)
+    num_train, num_val = data.synthetic_images
+    generate(data.synthetic_dir, seed=data.synthetic_seed, num_train=num_train, num_val=num_val)
     return True
 
 

@@ -294,3 +294,17 @@ def test_forgetting_guard_stops_the_phase_and_keeps_the_best_checkpoint(tmp_path
     assert "stopped by the forgetting guard" in capsys.readouterr().out
     assert load(out / "phase1_best.pth")["state"]["epoch"] == 1  # one epoch of three, then the guard
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
+
+
+def test_demo_config_runs_all_phases_when_shortened(tmp_path):
+    """The README's demo (configs/demo.yaml, phases 0 → 3 on generated data), cut down by --set."""
+    shortened = ["data.synthetic_images=[24, 8]", "model.image_size=160", "data.num_workers=0", "data.batch_size=8"]
+    shortened += [f"phase{i}.epochs=1" for i in range(4)]
+    shortened += [f"data.synthetic_dir={tmp_path / 'synthetic'}", f"text_encoder.cache_dir={tmp_path / 'cache'}"]
+    arguments = ["--config", PROJECT_DIR / "configs" / "demo.yaml", "--phase", "all", "--output-dir", tmp_path / "out"]
+    result = train(*arguments, *[item for assignment in shortened for item in ("--set", assignment)])
+    assert "generated the synthetic defect dataset" in result.stdout
+    table = result.stdout[result.stdout.index("stage") :].splitlines()
+    assert [line.split()[0] for line in table[:2]] == ["stage", "base"]
+    assert [" ".join(line.split()[:2]) for line in table[2:6]] == [f"phase {i}" for i in range(4)]
+    assert len(list((tmp_path / "synthetic" / "images" / "train").iterdir())) == 24
