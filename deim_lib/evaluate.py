@@ -115,14 +115,15 @@ def evaluate_detector(
         orig_sizes = torch.stack([target["orig_size"] for target in targets]).to(device)
         results = postprocessor(outputs, orig_sizes)
         for target, result in zip(targets, results, strict=True):
-            detections.extend(_to_coco_results(int(target["image_id"].item()), result, label_to_category))
+            detections.extend(coco_results(int(target["image_id"].item()), result, label_to_category))
     model.train(was_training)
     detections = gather_detections(detections)
     return coco_metrics(coco_gt, detections), detections
 
 
-def _to_coco_results(image_id: int, result: dict, label_to_category: torch.Tensor) -> list[dict]:
-    """One image's {labels, boxes xyxy, scores} → COCO results dicts (xywh boxes, category ids)."""
+def coco_results(image_id: int, result: dict, label_to_category: torch.Tensor) -> list[dict]:
+    """One image's post-processed {labels, boxes xyxy pixels, scores} → COCO results (``bbox`` xywh, ``category_id``
+    = ``label_to_category[label]``)."""
     boxes = result["boxes"].float().cpu()
     xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
     categories = label_to_category[result["labels"].cpu()].tolist()

@@ -38,6 +38,7 @@ from deim_lib.checkpoint import (
     read_checkpoint,
 )
 from deim_lib.data.transforms import build_val_transforms
+from deim_lib.evaluate import coco_results
 from deim_lib.model import DEIM, build_detector
 from deim_lib.postprocessor import PostProcessor
 from deim_lib.variants import IMAGENET_MEAN, IMAGENET_STD, get_variant
@@ -198,16 +199,6 @@ def detect(
             bar.update(min(batch_size, len(paths) - start))
 
 
-def coco_results(image_id: int, detections: dict[str, Tensor]) -> list[dict]:
-    """One image's detections as COCO results: ``bbox`` [x, y, w, h] pixels, ``category_id`` = label + 1."""
-    boxes = detections["boxes"].float()
-    xywh = torch.cat([boxes[:, :2], boxes[:, 2:] - boxes[:, :2]], dim=1).tolist()
-    return [
-        {"image_id": image_id, "category_id": label + 1, "bbox": box, "score": score}
-        for label, box, score in zip(detections["labels"].tolist(), xywh, detections["scores"].tolist(), strict=True)
-    ]
-
-
 def draw_detections(
     image: Image.Image, detections: dict[str, Tensor], class_names: Sequence[str], threshold: float
 ) -> Image.Image:
@@ -251,8 +242,9 @@ def predict(
     drawings = visualization_names(relative)
     output_dir.mkdir(parents=True, exist_ok=True)
     results, entries = [], []
+    label_to_category = torch.arange(1, len(inference.class_names) + 1)  # category_id = label + 1
     for index, image, detections in detect(inference, paths, device, batch_size):
-        results.extend(coco_results(index, detections))
+        results.extend(coco_results(index, detections, label_to_category))
         drawing = output_dir / drawings[index]
         drawing.parent.mkdir(parents=True, exist_ok=True)
         draw_detections(image, detections, inference.class_names, threshold).save(drawing)
