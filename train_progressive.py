@@ -271,7 +271,7 @@ def run_phase(index: int, model, constants, start: StartPoint, run: Run, monitor
             )
         state["epoch"], state["batch"] = epoch + 1, 0
         metrics = evaluate(eval_model, run, val)
-        gates = model.fusion.gate_values() if multimodal else []
+        gates = eval_model.fusion.gate_values() if multimodal else []  # the gates of the evaluated weights
         record = monitor.record(index, epoch, metrics, gates, stats) if run.is_main else {}
         history.append({"epoch": epoch, "AP": metrics["AP"], "AP50": metrics["AP50"]})
         score = metrics[run.config.monitor.best_metric]
