@@ -364,6 +364,9 @@ def main(argv: list[str] | None = None) -> int:
 
         # Model: the DEIMv2 detector; phases ≥ 1 wrap it with the text fusion.
         detector = build_detector(variant.name, len(run.class_names), eval_size=(image_size, image_size))
+        if context.world_size > 1 and context.device.type == "cuda":
+            # As official DEIMv2 (sync_bn): batch statistics over all GPUs when BatchNorm trains (phase 0).
+            detector = torch.nn.SyncBatchNorm.convert_sync_batchnorm(detector)
         constants = constant_parameters(detector)
         model, text = detector, None
         monitor = ForgettingMonitor(output_dir, config.monitor.max_ap_drop)
