@@ -19,7 +19,6 @@ class FrozenTensorChangedError(RuntimeError):
 class PhasePolicy:
     """The result of applying a phase: the frozen subtrees and a snapshot of every frozen tensor."""
 
-    trainable_parts: tuple[str, ...]
     frozen_modules: list[nn.Module]
     frozen_tensors: dict[str, Tensor]
 
@@ -39,7 +38,7 @@ class PhasePolicy:
     def verify_frozen(self, model: nn.Module) -> int:
         """The number of frozen tensors checked; raises if any of them is not bit-identical to its snapshot."""
         current = _named_tensors(model)
-        changed = [name for name, value in self.frozen_tensors.items() if not torch.equal(current[name], value)]
+        changed = [name for name, value in self.frozen_tensors.items() if not torch.equal(current[name].cpu(), value)]
         if changed:
             raise FrozenTensorChangedError(f"{len(changed)} frozen tensors changed in the phase, e.g. {changed[:3]}")
         return len(self.frozen_tensors)
@@ -90,8 +89,9 @@ def apply_phase(
             frozen_names.update(base + name for name, _ in module.named_buffers(remove_duplicate=False))
     frozen_names.update(name for name, p in model.named_parameters(remove_duplicate=False) if not p.requires_grad)
     tensors = _named_tensors(model)
-    snapshot = {name: tensors[name].detach().clone() for name in sorted(frozen_names)}
-    return PhasePolicy(tuple(trainable), frozen_modules, snapshot)
+    # Kept on the CPU: the snapshot must not cost accelerator memory (it holds the whole frozen backbone).
+    snapshot = {name: tensors[name].detach().to("cpu", copy=True) for name in sorted(frozen_names)}
+    return PhasePolicy(frozen_modules, snapshot)
 
 
 def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
