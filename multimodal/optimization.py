@@ -104,10 +104,3 @@ class ModelEMA:
         torch._foreach_lerp_(ema, [getattr(theirs, attribute) for _, theirs, attribute in self._averaged], 1 - d)
         for mine, theirs, attribute in self._copied:
             getattr(mine, attribute).copy_(getattr(theirs, attribute))
-
-    def state_dict(self) -> dict:
-        return {"module": self.module.state_dict(), "updates": self.updates}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.module.load_state_dict(state["module"])
-        self.updates = state["updates"]
