@@ -13,7 +13,7 @@ import torch
 import yaml
 
 import train_progressive
-from deim_lib import build_detector
+from deim_lib import build_detector, load_official_checkpoint
 from deim_lib.data.synthetic import CLASS_DESCRIPTIONS, generate
 from multimodal.model import attach_text, split_state
 from multimodal.phases import apply_phase, constant_parameters
@@ -112,6 +112,9 @@ def test_all_phases_keep_frozen_parts_bit_identical(tmp_path, tiny_data):
     assert changed3 and all(k.startswith("decoder.") for k in changed3)
     assert phase1["optimizer"]["param_groups"][0]["name"].startswith("fusion")
     assert {g["name"].split("_")[0] for g in phase2["optimizer"]["param_groups"]} == {"fusion", "class"}
+    # A phase checkpoint is also an official-format one: its EMA detector loads strictly into a plain DEIMv2 model.
+    official = build_detector("atto", 5, eval_size=(IMAGE_SIZE, IMAGE_SIZE))
+    official.load_state_dict(load_official_checkpoint(out / "phase3_best.pth"), strict=True)
     for phase in range(4):
         assert f"phase {phase} done" in result.stdout
     assert (out / "report.md").is_file() and (out / "curves.png").stat().st_size > 1000
