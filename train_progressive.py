@@ -4,7 +4,7 @@ Phases: 0 trains the base detector without text (skip it when you have a converg
 1 trains only the text fusion (LR 2e-4); 2 adds the class heads (5e-5); 3 (optional) the whole decoder (2e-5).
 The backbone never trains after phase 0. Every phase starts from the previous phase's best weights.
 
-    python train_progressive.py --config configs/neu_det.yaml --phase 1 --init deimv2_s_defects.pth
+    python train_progressive.py --config configs/neu_det.yaml --phase 1 --init my_deimv2_defects.pth
     python train_progressive.py --config configs/neu_det.yaml --phase 2   # picks up checkpoints/phase1_best.pth
     python train_progressive.py --config configs/neu_det.yaml --phase 2 --resume checkpoints/phase2_last.pth
     torchrun --nproc_per_node=4 train_progressive.py --config configs/neu_det.yaml --phase 1 --init base.pth
