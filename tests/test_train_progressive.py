@@ -311,3 +311,15 @@ def test_demo_config_runs_all_phases_when_shortened(tmp_path):
     assert [line.split()[0] for line in table[:2]] == ["stage", "base"]
     assert [" ".join(line.split()[:2]) for line in table[2:6]] == [f"phase {i}" for i in range(4)]
     assert len(list((tmp_path / "synthetic" / "images" / "train").iterdir())) == 24
+
+
+def test_text_aware_classification_trains_and_travels_to_the_next_phase(tmp_path, tiny_data, capsys):
+    init = official_checkpoint(tmp_path / "base.pth")
+    config = write_config(tmp_path, tiny_data, fusion={"text_aware_classification": True})
+    out = tmp_path / "out"
+    for arguments in (["--phase", "1", "--init", init], ["--phase", "2"]):
+        assert train_progressive.main([str(a) for a in ["--config", config, "--output-dir", out, *arguments]]) == 0
+    phase1, phase2 = load(out / "phase1_best.pth"), load(out / "phase2_last.pth")
+    assert phase1["fusion"]["text_classifier.scale"] != 0  # trained from its zero start in phase 1
+    assert "best weights of phase 1" in capsys.readouterr().out
+    assert not torch.equal(phase2["fusion"]["text_classifier.scale"], phase1["fusion_ema"]["text_classifier.scale"])
