@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from deim_lib.box_ops import box_cxcywh_to_xyxy, box_iou, generalized_box_iou
-from deim_lib.criterion.matcher import HungarianMatcher, Indices
+from deim_lib.criterion.matcher import HungarianMatcher, Indices, host_to_device
 from deim_lib.decoder.fdr import bbox2distance
 from deim_lib.variants import get_variant
 
@@ -268,7 +268,7 @@ def _gather_matched(
     rows = [_flat_rows(indices, offsets) for indices in matchings]
     if dn_meta is not None:
         rows.append(_denoising_rows(dn_meta, num_gts, offsets))
-    device_rows = _to_device(torch.cat(rows, dim=1), device)  # [3, ΣN] (image, query, target row)
+    device_rows = host_to_device(torch.cat(rows, dim=1), device)  # [3, ΣN] (image, query, target row)
     labels = torch.cat([t["labels"] for t in targets]).to(device)[device_rows[2]]
     boxes = torch.cat([t["boxes"] for t in targets]).to(device)[device_rows[2]]
     sizes = [r.shape[1] for r in rows]
@@ -300,13 +300,6 @@ def _denoising_rows(dn_meta: dict, num_gts: list[int], offsets: Tensor) -> Tenso
     within = torch.arange(total) - starts.repeat_interleave(sizes, output_size=total)  # slot within the image
     target_rows = offsets[images] + within % per_image.clamp(min=1)[images]
     return torch.stack([images, torch.full_like(images, -1), target_rows])
-
-
-def _to_device(host: Tensor, device: torch.device) -> Tensor:
-    """Copy a CPU tensor to ``device`` without blocking the host (from pinned memory on CUDA)."""
-    if device.type == "cuda":
-        host = host.pin_memory()
-    return host.to(device, non_blocking=True)
 
 
 def _distilled_outputs(outputs: list[dict]) -> frozenset[int]:
@@ -364,7 +357,7 @@ def _mean_over_ranks(counts: list[int], device: torch.device) -> list[float]:
     if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
         # The float32 tensor path below gives the same numbers: counts this small are exact in float32.
         return [max(float(count), 1.0) for count in counts]
-    values = _to_device(torch.tensor(counts, dtype=torch.float32), device)
+    values = host_to_device(torch.tensor(counts, dtype=torch.float32), device)
     dist.all_reduce(values)
     return (values / dist.get_world_size()).clamp(min=1).tolist()
 

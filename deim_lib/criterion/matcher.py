@@ -1,9 +1,11 @@
 """Hungarian matching between decoder queries and ground-truth boxes, as official DEIMv2 does it.
 
-The cost matrix of the whole batch is one computation, and the matrices of every output matched in one call reach the
-host in one copy; only the assignment itself runs per image, on the CPU, with scipy's ``linear_sum_assignment``.
+The cost matrix of the whole batch is one computation; each image's own block of the matrices of every output matched
+in one call reaches the host in one copy, and only the assignment itself runs per image, on the CPU, with scipy's
+``linear_sum_assignment``.
 """
 
+import itertools
 from collections.abc import Sequence
 
 import torch
@@ -70,14 +72,19 @@ class HungarianMatcher(nn.Module):
 
         labels, boxes = torch.cat([t["labels"] for t in targets]), torch.cat([t["boxes"] for t in targets])
         costs = [self._cost_matrix(out, labels, boxes, epoch) for out in outputs]
-        flat = torch.cat([cost.flatten() for cost in costs])
+        # Image b is assigned only on its own block (its queries × its targets): the blocks of every output are
+        # gathered on the device and only they travel to the host, B times less than the full-batch matrices.
+        queries = [out["pred_logits"].shape[1] for out in outputs]
+        starts = itertools.accumulate((cost.numel() for cost in costs[:-1]), initial=0)
+        block_index = {q: _own_blocks_index(q, sizes) for q in set(queries)}
+        index = torch.cat([start + block_index[q] for start, q in zip(starts, queries, strict=True)])
+        own = torch.cat([cost.flatten() for cost in costs])[host_to_device(index, costs[0].device)]
         # NaN costs (e.g. 0/0 IoU of two degenerate boxes) would make scipy fail; official DEIMv2 treats them as 1.
-        flat = torch.where(flat.isnan(), 1.0, flat).cpu()
+        own = torch.where(own.isnan(), 1.0, own).cpu()
         matchings = []
-        for out, cost in zip(outputs, flat.split([c.numel() for c in costs]), strict=True):
-            B, Q = out["pred_logits"].shape[:2]
-            blocks = cost.view(B, Q, -1).split(sizes, dim=-1)
-            matchings.append([_assign(block[b]) for b, block in enumerate(blocks)])
+        for q, per_output in zip(queries, own.split([q * sum(sizes) for q in queries]), strict=True):
+            blocks = per_output.split([q * g for g in sizes])
+            matchings.append([_assign(block.view(q, g)) for block, g in zip(blocks, sizes, strict=True)])
         return matchings
 
     def _cost_matrix(self, outputs: dict, target_labels: Tensor, target_boxes: Tensor, epoch: int) -> Tensor:
@@ -97,6 +104,25 @@ class HungarianMatcher(nn.Module):
         cost_bbox = torch.cdist(pred_boxes, target_boxes, p=1)
         cost_giou = -generalized_box_iou(box_cxcywh_to_xyxy(pred_boxes), box_cxcywh_to_xyxy(target_boxes))
         return self.cost_bbox * cost_bbox + self.cost_class * cost_class + self.cost_giou * cost_giou
+
+
+def _own_blocks_index(num_queries: int, sizes: list[int]) -> Tensor:
+    """Positions in a flattened [B·Q, ΣG_b] cost matrix of image b's [Q, G_b] block, row-major, for b = 0 … B−1."""
+    per_image = torch.tensor(sizes, dtype=torch.int64)
+    block_sizes = num_queries * per_image
+    total = num_queries * sum(sizes)
+    image = torch.arange(len(sizes)).repeat_interleave(block_sizes, output_size=total)
+    within = torch.arange(total) - (block_sizes.cumsum(0) - block_sizes)[image]  # position inside the block
+    query, target = within // per_image[image], within % per_image[image]
+    first_target = per_image.cumsum(0) - per_image  # image b's first column
+    return (image * num_queries + query) * sum(sizes) + first_target[image] + target
+
+
+def host_to_device(host: Tensor, device: torch.device) -> Tensor:
+    """Copy a CPU tensor to ``device`` without blocking the host (from pinned memory on CUDA)."""
+    if device.type == "cuda":
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
 
 
 def _assign(cost: Tensor) -> tuple[Tensor, Tensor]:
