@@ -50,14 +50,8 @@ def cleanup_distributed() -> None:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside DistributedDataParallel and/or torch.compile wrappers."""
-    while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model
+    """The plain module inside a DistributedDataParallel wrapper (the model itself without one)."""
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
 def barrier() -> None:
