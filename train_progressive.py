@@ -52,7 +52,7 @@ from multimodal.loaders import build_datasets, build_train_loader, build_val_loa
 from multimodal.model import MultimodalDetector, attach_text, detector_parts, load_weights
 from multimodal.monitor import ForgettingMonitor
 from multimodal.optimization import ModelEMA, build_optimizer, lr_factor, set_lr
-from multimodal.phases import apply_phase, constant_parameters
+from multimodal.phases import apply_phase, compile_frozen_parts, constant_parameters
 from multimodal.text_encoder import TextEmbeddings, TextEncoderError, load_text_embeddings
 
 
@@ -211,11 +211,15 @@ def epoch_summary(index: int, epoch: int, stats: dict, metrics: dict, record: di
     return line
 
 
+def model_parts(model) -> dict:
+    return model.parts() if isinstance(model, MultimodalDetector) else detector_parts(model)
+
+
 def run_phase(index: int, model, constants, start: StartPoint, run: Run, monitor: ForgettingMonitor, val, text) -> None:
     """Train one phase: freeze, optimiser and EMA over the trainable parts, epochs of train → evaluate → save."""
     phase, variant = run.config.phase(index), get_variant(run.config.model.variant)
     multimodal = isinstance(model, MultimodalDetector)
-    parts = model.parts() if multimodal else detector_parts(model)
+    parts = model_parts(model)
     decoder = model.detector.decoder if multimodal else model.decoder
     output_switches = (decoder, decoder.decoder)
     policy = apply_phase(model, parts, phase.trainable, constants)
@@ -224,6 +228,11 @@ def run_phase(index: int, model, constants, start: StartPoint, run: Run, monitor
     run.log(f"phase {index}: training {phase.trainable} ({trainable:,} parameters), lr {lr:g}")
 
     optimizer, ema = build_optimization(index, lr, model, parts, policy, run)
+    if run.config.compile_frozen:
+        compiled = compile_frozen_parts(parts)
+        if ema is not None:
+            compile_frozen_parts(model_parts(ema.module))  # the EMA copy evaluates: its frozen parts as well
+        run.log(f"phase {index}: torch.compile on the frozen parts {compiled}")
     state = {"epoch": 0, "step": 0, "batch": 0, "nonfinite_in_a_row": 0, "nonfinite_total": 0}
     state["max_nonfinite"] = run.config.monitor.max_nonfinite_steps
     history, best = [], None

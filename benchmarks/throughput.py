@@ -38,7 +38,7 @@ from deim_lib import VARIANTS, PostProcessor, build_criterion, build_detector, g
 from multimodal.config import PhaseConfig, TrainConfig
 from multimodal.model import attach_text, detector_parts
 from multimodal.optimization import ModelEMA, build_optimizer
-from multimodal.phases import apply_phase, constant_parameters
+from multimodal.phases import apply_phase, compile_frozen_parts, constant_parameters
 
 CASES = ("full", "phase1", "phase2", "phase3", "eval")
 TRAIN_CASES = CASES[:4]
@@ -69,6 +69,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--profile", action="store_true", help="torch.profiler over the breakdown case's steps")
     parser.add_argument("--ema", action="store_true", help="include the EMA update train_progressive.py does")
+    parser.add_argument(
+        "--compile", action="store_true", help="torch.compile the frozen backbone and encoder (compile_frozen)"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", type=Path, help="output record (default: benchmarks/results/throughput_*.json)")
     args = parser.parse_args(argv)
@@ -126,7 +129,10 @@ def build_case(name: str, args: argparse.Namespace, device: torch.device) -> Cas
     text = nn.functional.normalize(torch.randn(args.num_classes, TEXT_DIM), dim=-1)  # random unit class embeddings
     model = attach_text(detector, text)
     if name == "eval":
-        return Case(model.requires_grad_(False).to(device).eval(), trainable_params=0)
+        model.requires_grad_(False).to(device).eval()
+        if args.compile:
+            compile_frozen_parts(model.parts())
+        return Case(model, trainable_params=0)
     phase = TrainConfig().phase(int(name.removeprefix("phase")))
     return training_case(model, model.parts(), phase, args, device)
 
@@ -145,6 +151,8 @@ def training_case(
     variant = get_variant(args.variant)
     model.to(device)
     policy = apply_phase(model, parts, phase.trainable, constant_parameters(model))
+    if args.compile:
+        compile_frozen_parts(parts)
     decoder = parts["decoder"][0]
     policy.set_train_mode(model, (decoder, decoder.decoder))
     ratio, fused = variant.backbone_lr / variant.base_lr, device.type == "cuda"
@@ -238,11 +246,9 @@ def eval_step(case: Case, postprocessor: PostProcessor, images: Tensor, sizes: T
 
 
 def step_seconds(step: Callable[[], None], steps: int, warmup: int, device: torch.device) -> list[float]:
-    """Wall time of each of ``steps`` steps after ``warmup`` untimed ones, synchronised at every step boundary."""
-    for _ in range(warmup):
-        step()
+    """Wall time of each of ``warmup`` + ``steps`` steps, synchronised at every step boundary (warm-up ones first)."""
     times = []
-    for _ in range(steps):
+    for _ in range(warmup + steps):
         synchronize(device)
         start = time.perf_counter()
         step()
@@ -331,7 +337,8 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device, batch: t
         step = partial(eval_step, case, postprocessor, images, sizes, amp)
     else:
         step = partial(train_step, case, images, targets, amp)
-    times = step_seconds(step, args.steps, args.warmup, device)
+    all_times = step_seconds(step, args.steps, args.warmup, device)
+    times = all_times[args.warmup :]
     seconds = sum(times) / len(times)
     result = {
         "images_per_s": len(images) / seconds,
@@ -339,6 +346,7 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device, batch: t
         # A shared machine's stalls show as a median or minimum far below the mean.
         "ms_per_step_median": 1000 * statistics.median(times),
         "ms_per_step_min": 1000 * min(times),
+        "first_step_s": all_times[0],  # includes cuDNN autotuning and, with --compile, the compilation
         "peak_memory_mib": peak_memory_mib(device, start_rss),
         "trainable_params": case.trainable_params,
         "total_params": sum(p.numel() for p in case.model.parameters()),

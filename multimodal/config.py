@@ -102,6 +102,7 @@ class TrainConfig:
     phase2: PhaseConfig = field(default_factory=lambda: PhaseConfig(trainable=["fusion", "class_heads"], lr=5e-5))
     phase3: PhaseConfig = field(default_factory=lambda: PhaseConfig(trainable=["fusion", "decoder"], lr=2e-5))
     allow_backbone_training: bool = False  # phases 1–3 refuse to train the backbone unless this is true
+    compile_frozen: bool = False  # torch.compile the frozen backbone and encoder (a one-off compile per input shape)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
 
     def phase(self, index: int) -> PhaseConfig:

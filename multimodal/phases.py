@@ -94,5 +94,21 @@ def apply_phase(
     return PhasePolicy(frozen_modules, snapshot)
 
 
-def trainable_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
-    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+def compile_frozen_parts(
+    parts: dict[str, Sequence[nn.Module]], names: Sequence[str] = ("backbone", "encoder")
+) -> list[str]:
+    """``torch.compile`` in place the modules of the ``names`` parts that have no trainable parameter; their names.
+
+    ``Module.compile`` keeps the module tree, state_dict keys and hooks, and compiling an already compiled module (a
+    later phase, or a deep copy such as the EMA's) reuses the compiled code. A new input shape compiles again, with
+    the dimensions seen changing (the batch) then compiled as dynamic (torch's automatic dynamic shapes).
+    """
+    compiled = []
+    for name in names:
+        modules = parts[name]
+        if any(parameter.requires_grad for module in modules for parameter in module.parameters()):
+            continue
+        for module in modules:
+            module.compile()
+        compiled.append(name)
+    return compiled

@@ -323,3 +323,24 @@ def test_text_aware_classification_trains_and_travels_to_the_next_phase(tmp_path
     assert phase1["fusion"]["text_classifier.scale"] != 0  # trained from its zero start in phase 1
     assert "best weights of phase 1" in capsys.readouterr().out
     assert not torch.equal(phase2["fusion"]["text_classifier.scale"], phase1["fusion_ema"]["text_classifier.scale"])
+
+
+def test_compiled_frozen_parts_train_like_the_plain_loop(tmp_path, tiny_data, capsys):
+    init = official_checkpoint(tmp_path / "base.pth")
+    config = write_config(tmp_path, tiny_data)
+    for name, extra in (("plain", []), ("compiled", ["--set", "compile_frozen=true"])):
+        arguments = ["--config", config, "--phase", "1", "--init", init, "--output-dir", tmp_path / name, *extra]
+        assert train_progressive.main([str(a) for a in arguments]) == 0
+    assert "torch.compile on the frozen parts ['backbone', 'encoder']" in capsys.readouterr().out
+    plain, compiled = load(tmp_path / "plain" / "phase1_last.pth"), load(tmp_path / "compiled" / "phase1_last.pth")
+    assert_same_tensors(plain["model"], compiled["model"])  # the frozen detector, BatchNorm statistics included
+    for key, value in plain["fusion"].items():
+        torch.testing.assert_close(compiled["fusion"][key], value, rtol=1e-4, atol=1e-6, msg=key)
+    plain_record, compiled_record = (
+        json.loads((tmp_path / name / "metrics.jsonl").read_text().splitlines()[-1]) for name in ("plain", "compiled")
+    )
+    assert plain_record["train"].keys() == compiled_record["train"].keys()
+    for key, value in plain_record["train"].items():
+        if key.startswith("loss"):  # the epoch's mean losses
+            assert compiled_record["train"][key] == pytest.approx(value, rel=1e-5), key
+    assert compiled_record["AP"] == pytest.approx(plain_record["AP"], abs=1e-6)
