@@ -231,7 +231,7 @@ def run_phase(index: int, model, constants, start: StartPoint, run: Run, monitor
     if run.config.compile_frozen:
         compiled = compile_frozen_parts(parts)
         if ema is not None:
-            compile_frozen_parts(model_parts(ema.module))  # the EMA copy evaluates: its frozen parts as well
+            compile_frozen_parts(model_parts(ema.module), compiled)  # the EMA copy evaluates: the same parts
         run.log(f"phase {index}: torch.compile on the frozen parts {compiled}")
     state = {"epoch": 0, "step": 0, "batch": 0, "nonfinite_in_a_row": 0, "nonfinite_total": 0}
     state["max_nonfinite"] = run.config.monitor.max_nonfinite_steps
