@@ -37,6 +37,7 @@ def test_record_holds_every_case_and_phase1_trains_exactly_the_fusion_parameters
     for result in results.values():
         assert result["images_per_s"] > 0
         assert result["ms_per_step"] == pytest.approx(2 * 1000 / result["images_per_s"])
+        assert result["first_step_s"] > 0  # the untimed warm-up step, recorded on its own
     assert results["full"]["speedup_vs_full"] == 1.0
 
     # Trainable counts computed independently of the benchmark, on the same architecture.
