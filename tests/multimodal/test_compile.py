@@ -49,7 +49,7 @@ def losses_and_fusion_grads(model, images, targets) -> tuple[dict, dict]:
 
 def test_compiled_frozen_parts_give_the_plain_losses_and_gradients():
     model = phase1_model()
-    plain = copy.deepcopy(model)  # a deep copy is not compiled, even of a compiled module
+    plain = copy.deepcopy(model)  # copied before compiling: runs eagerly
     assert compile_frozen_parts(model.parts()) == ["backbone", "encoder"]
     assert list(model.state_dict()) == list(plain.state_dict())
 
