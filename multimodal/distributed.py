@@ -68,12 +68,6 @@ def broadcast_object(value):
     return holder[0]
 
 
-def all_reduce_sum(values: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(values)
-    return values
-
-
 def all_ranks_agree(flag: bool, device: torch.device) -> bool:
     """True only when ``flag`` is true on every rank (e.g. "the loss is finite": all ranks skip a step together)."""
     if not dist.is_initialized():
