@@ -9,15 +9,12 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from deim_lib.errors import CheckpointError
 from deim_lib.model import DEIM, build_detector
 from deim_lib.variants import VARIANTS
 
 # Tensors whose first dimension is the class count (the denoising embedding has one extra padding row).
 CLASS_HEAD_PREFIXES = ("decoder.enc_score_head.", "decoder.dec_score_head.", "decoder.denoising_class_embed.")
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used; the message names the file and the fix."""
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -37,26 +34,40 @@ def read_checkpoint(path: str | Path) -> dict:
     return checkpoint
 
 
-def detector_state_dict(checkpoint: dict, path: str | Path) -> dict[str, Tensor]:
-    """The detector weights of an official-format checkpoint: ``ema.module`` when present, else ``model``."""
+def detector_state_dict(checkpoint: dict, path: str | Path) -> tuple[dict[str, Tensor], str]:
+    """The detector weights of a checkpoint and where they were found, for messages.
+
+    Official training checkpoints hold them under ``ema.module`` (preferred) or ``model``; a bare
+    ``torch.save(model.state_dict())`` is the dict itself. A ``module.`` prefix (saved from inside DDP or
+    DataParallel) and an ``_orig_mod.`` prefix (saved from a ``torch.compile`` wrapper) are removed.
+    """
     ema = checkpoint.get("ema")
     if isinstance(ema, dict) and isinstance(ema.get("module"), dict):
-        state_dict = ema["module"]
+        state_dict, where = ema["module"], "'ema.module'"
     elif isinstance(checkpoint.get("model"), dict):
-        state_dict = checkpoint["model"]
+        state_dict, where = checkpoint["model"], "'model'"
+    elif checkpoint and all(isinstance(value, Tensor) for value in checkpoint.values()):
+        state_dict, where = checkpoint, "a bare state dict"
     else:
         raise CheckpointError(
-            f"{path}: no 'ema.module' or 'model' state dict inside (top-level keys: {sorted(checkpoint)[:8]}); "
-            "this is not a DEIMv2 training checkpoint"
+            f"{path}: no 'ema.module' or 'model' state dict inside and not a state dict itself (top-level keys: "
+            f"{sorted(checkpoint)[:8]}); this is not a DEIMv2 checkpoint"
         )
+    for prefix in ("module.", "_orig_mod."):
+        if state_dict and all(key.startswith(prefix) for key in state_dict):
+            state_dict = {key.removeprefix(prefix): value for key, value in state_dict.items()}
+            where += f", {prefix!r} prefix removed"
     if not any(key.startswith("decoder.") for key in state_dict):
-        raise CheckpointError(f"{path}: the state dict has no 'decoder.*' keys; this is not a DEIMv2 detector")
-    return state_dict
+        raise CheckpointError(
+            f"{path}: the state dict in {where} has no 'decoder.*' keys (first keys: {list(state_dict)[:3]}); "
+            "this is not a DEIMv2 detector"
+        )
+    return state_dict, where
 
 
 def load_official_checkpoint(path: str | Path) -> dict[str, Tensor]:
     """The state dict to load from an official DEIMv2 checkpoint file (EMA weights when present)."""
-    return detector_state_dict(read_checkpoint(path), path)
+    return detector_state_dict(read_checkpoint(path), path)[0]
 
 
 def checkpoint_num_classes(state_dict: dict[str, Tensor]) -> int:
@@ -88,6 +99,16 @@ def guess_variant(state_dict: dict[str, Tensor]) -> str | None:
         if _shape_signature(candidate.state_dict()) == signature:
             return name
     return None
+
+
+def checkpoint_image_size(state_dict: dict[str, Tensor], variant: str) -> int:
+    """The square input size the checkpoint's anchor grid was made for (A = Σ (S / stride)² positions)."""
+    positions = state_dict["decoder.anchors"].shape[1]
+    strides = VARIANTS[variant].decoder.feat_strides
+    size = round((positions / sum(1 / stride**2 for stride in strides)) ** 0.5)
+    if sum((size // stride) ** 2 for stride in strides) != positions:
+        raise CheckpointError(f"the anchors ({positions} positions) fit no square input size of variant {variant!r}")
+    return size
 
 
 def load_detector_state(

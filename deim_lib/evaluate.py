@@ -24,11 +24,13 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from deim_lib.errors import UserError
+
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
 DETECTION_KEYS = ("image_id", "category_id", "bbox", "score")
 
 
-class EvaluationInputError(Exception):
+class EvaluationInputError(UserError):
     """A ground-truth or detections file that cannot be read; the message names the file."""
 
 

@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from deim_lib.errors import CheckpointError
+
 __all__ = ["FrozenBatchNorm2d", "HGNetv2"]
 
 
@@ -322,19 +324,19 @@ class HGNetv2(nn.Module):
         """Load an official PPHGNetV2 weight file, keeping only the entries whose key and shape match this model.
 
         The file holds a state dict, plain or under ``model``/``state_dict``. Returns the loaded keys. Raises a
-        ValueError naming the file when it is not such a state dict or when no entry matches.
+        ``CheckpointError`` naming the file when it is not such a state dict or when no entry matches.
         """
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as exc:
-            raise ValueError(f"{path}: not a loadable weight file ({type(exc).__name__})") from exc
+            raise CheckpointError(f"{path}: not a loadable weight file ({type(exc).__name__})") from None
         if isinstance(state, dict):
             state = state.get("model", state.get("state_dict", state))
         if not isinstance(state, dict) or not all(isinstance(v, Tensor) for v in state.values()):
-            raise ValueError(f"{path}: expected a state dict of tensors (plain or under 'model'/'state_dict')")
+            raise CheckpointError(f"{path}: expected a state dict of tensors (plain or under 'model'/'state_dict')")
         own = self.state_dict()
         matched = {k: v for k, v in state.items() if k in own and v.shape == own[k].shape}
         if not matched:
-            raise ValueError(f"{path}: no entry matches an HGNetv2 key and shape")
+            raise CheckpointError(f"{path}: no entry matches an HGNetv2 key and shape; is it an HGNetv2 weight file?")
         self.load_state_dict(matched, strict=False)
         return list(matched)

@@ -17,6 +17,8 @@ from PIL import Image
 from torch import Tensor
 from torchvision import tv_tensors
 
+from deim_lib.errors import UserError
+
 __all__ = ["CocoDetection", "DatasetError"]
 
 logger = logging.getLogger(__name__)
@@ -26,7 +28,7 @@ _MAX_LISTED = 5
 _REQUIRED_ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """A dataset file is missing or malformed; the one-line message names the file and the fix."""
 
 
@@ -92,9 +94,15 @@ class CocoDetection(torch.utils.data.Dataset):
         return image, target
 
     def _load_image(self, file_name: str) -> Image.Image:
-        # COCO holds some grayscale images, other datasets RGBA/palette images; the model always takes 3 channels.
-        with Image.open(self.images_dir / file_name) as image:
-            return image.convert("RGB")
+        path = self.images_dir / file_name
+        try:
+            # COCO holds some grayscale images, other datasets RGBA/palette images; the model always takes 3 channels.
+            with Image.open(path) as image:
+                return image.convert("RGB")
+        except (OSError, ValueError, Image.DecompressionBombError) as error:  # PIL decodes lazily, in convert()
+            raise DatasetError(
+                f"{path}: cannot read the image ({error}); replace the file or remove it from {self.annotation_file}"
+            ) from None
 
     def _build_target(self, index: int, image_id: int, size: tuple[int, int]) -> dict[str, Tensor]:
         width, height = size
@@ -162,7 +170,7 @@ def _annotation_area(ann: dict[str, Any]) -> float:
 
 
 def _read_annotation_json(path: Path) -> dict[str, Any]:
-    fix = "point annotation_file at a valid COCO instances JSON"
+    fix = "point it at a COCO instances JSON file"
     try:
         with open(path, encoding="utf-8") as file:
             content = json.load(file)

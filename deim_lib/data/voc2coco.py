@@ -6,17 +6,22 @@ files), and image sizes are read from the image itself (NEU-DET's XML claims dep
 Box convention: VOC corners are 1-based inclusive pixel indices, so pixel column ``xmin`` covers [xmin − 1, xmin) in
 COCO's continuous coordinates. A VOC box (xmin, ymin, xmax, ymax) becomes COCO [x, y, w, h] =
 [xmin − 1, ymin − 1, xmax − xmin + 1, ymax − ymin + 1], clipped to the image; ``area`` is w·h (VOC has no masks).
-Class names are sorted alphabetically and numbered 1..K.
+Class names are sorted alphabetically and numbered 1..K, or follow ``--classes`` when it is given: then any other name
+in an XML file is an error naming the file (a misspelt class must not become a category of its own and renumber the
+others). Without ``--classes``, a class that only a handful of files use while a similar name is common is reported.
 
 Command line::
 
     python -m deim_lib.data.voc2coco --images DIR --annotations DIR --output FILE.json [--val-fraction F --seed S]
+        [--classes a,b,c]
 
-With ``--val-fraction`` it writes ``FILE_train.json`` and ``FILE_val.json`` instead of ``FILE.json``.
+With ``--val-fraction`` it writes ``FILE_train.json`` and ``FILE_val.json`` instead of ``FILE.json``. Folders without
+a single image/XML pair are an error.
 """
 
 import argparse
 import copy
+import difflib
 import json
 import sys
 import xml.etree.ElementTree as ET
@@ -27,10 +32,13 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from deim_lib.cli import HelpFormatter, report
+from deim_lib.errors import UserError
+
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 
 
-class ConversionError(Exception):
+class ConversionError(UserError):
     """Input that cannot be converted (missing folder, unreadable XML); the message names the path."""
 
 
@@ -79,17 +87,56 @@ def _pair_files(images_dir: Path, annotations_dir: Path) -> tuple[dict[str, tupl
     return pairs, images_only, xmls_only
 
 
-def convert(images_dir: str | Path, annotations_dir: str | Path) -> dict:
+def _check_class_names(parsed: dict, pairs: dict, class_names: Sequence[str] | None, warn: Callable[[str], None]):
+    """The class list: ``class_names`` (every other name an error), or the names found, with rare look-alikes said."""
+    files_of: dict[str, list[str]] = {}
+    for stem, (objects, _) in parsed.items():
+        for name in {name for name, _ in objects}:
+            files_of.setdefault(name, []).append(pairs[stem][1].name)
+    if class_names is not None:
+        for name, files in sorted(files_of.items()):
+            if name not in class_names:
+                close = difflib.get_close_matches(name, class_names, n=1)
+                hint = f"; did you mean {close[0]!r}?" if close else ""
+                raise ConversionError(
+                    f"{files[0]}: class {name!r} is not in --classes {list(class_names)}{hint} ({len(files)} files "
+                    "use it); fix the XML or add the class"
+                )
+        return list(class_names)
+    names = sorted(files_of)
+    for name in names:
+        common = [other for other in names if other != name and len(files_of[other]) >= 10 * len(files_of[name])]
+        close = difflib.get_close_matches(name, common, n=1, cutoff=0.75)
+        if close:
+            warn(
+                f"warning: class {name!r} appears in {len(files_of[name])} file(s) (e.g. {files_of[name][0]}), "
+                f"{close[0]!r} in {len(files_of[close[0]])}: a misspelling? pass --classes to fix the class list"
+            )
+    return names
+
+
+def convert(
+    images_dir: str | Path,
+    annotations_dir: str | Path,
+    class_names: Sequence[str] | None = None,
+    warn: Callable[[str], None] = print,
+) -> dict:
     """COCO instances dict of all image/XML pairs in the two folders.
 
     Images get ids 1..N in stem order, ``file_name`` relative to ``images_dir`` and their real width/height;
     annotations carry ``bbox`` xywh (see the module docstring), ``area`` = w·h and ``iscrowd`` 0. Images whose objects
     are all unusable stay in as negatives. ``info["skipped"]`` lists what was left out: ``images_without_xml``,
     ``xml_without_image`` (file names) and ``objects`` (count of objects without a class or with an empty box).
+    ``class_names`` fixes the categories and their order (ids 1..K); by default they are the names found, sorted.
     """
     pairs, images_only, xmls_only = _pair_files(Path(images_dir), Path(annotations_dir))
+    if not pairs:
+        raise ConversionError(
+            f"no image/XML pairs (files of the same stem) in {images_dir} ({len(images_only)} images) and "
+            f"{annotations_dir} ({len(xmls_only)} XML files); are --images and --annotations the right folders?"
+        )
     parsed = {stem: _read_objects(xml_path) for stem, (_, xml_path) in pairs.items()}
-    class_names = sorted({name for objects, _ in parsed.values() for name, _ in objects})
+    class_names = _check_class_names(parsed, pairs, class_names, warn)
     category_ids = {name: i + 1 for i, name in enumerate(class_names)}
 
     images, annotations, unusable = [], [], 0
@@ -176,23 +223,25 @@ def _write_json(data: dict, path: Path) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="Convert Pascal VOC XML annotations to COCO JSON.")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--images", type=Path, required=True, help="folder of images")
     parser.add_argument("--annotations", type=Path, required=True, help="folder of VOC XML files")
     parser.add_argument("--output", type=Path, required=True, help="COCO JSON to write")
     parser.add_argument("--val-fraction", type=float, default=None, help="write <stem>_train/_val.json split")
     parser.add_argument("--seed", type=int, default=0, help="seed of the split")
+    parser.add_argument("--classes", help="comma-separated class names, in category order: any other name is an error")
     args = parser.parse_args(argv)
     if args.val_fraction is not None and not 0.0 < args.val_fraction < 1.0:
         parser.error(f"--val-fraction must lie in (0, 1), got {args.val_fraction}")
+    class_names = [name.strip() for name in args.classes.split(",")] if args.classes else None
     try:
-        coco = convert(args.images, args.annotations)
+        coco = convert(args.images, args.annotations, class_names, warn=lambda line: print(line, file=sys.stderr))
     except ConversionError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report(error)
     print(_summary(coco))
     if args.val_fraction is None:
         _write_json(coco, args.output)
+        print(f"{args.output}: {len(coco['images'])} images, {len(coco['annotations'])} boxes")
         return 0
     train, val = split(coco, args.val_fraction, args.seed)
     for name, subset in (("train", train), ("val", val)):

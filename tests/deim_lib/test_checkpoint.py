@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from deim_lib import CheckpointError, build_detector, load_detector_state, load_official_checkpoint
+from deim_lib.checkpoint import detector_state_dict
 
 
 def test_missing_file_is_a_clear_error(tmp_path):
@@ -22,8 +23,20 @@ def test_truncated_file_is_a_clear_error(tmp_path, reference_dir):
 def test_foreign_checkpoint_is_a_clear_error(tmp_path):
     foreign = tmp_path / "resnet.pth"
     torch.save({"state_dict": {"conv1.weight": torch.zeros(1)}}, foreign)
-    with pytest.raises(CheckpointError, match="not a DEIMv2 training checkpoint"):
+    with pytest.raises(CheckpointError, match="not a DEIMv2 checkpoint"):
         load_official_checkpoint(foreign)
+
+
+@pytest.mark.parametrize("prefix", ["module.", "_orig_mod."])
+def test_wrapper_prefixes_and_bare_state_dicts_are_read_and_said(tmp_path, prefix):
+    state = build_detector("atto", 3).state_dict()
+    prefixed = {f"{prefix}{key}": value for key, value in state.items()}
+    loaded, where = detector_state_dict({"model": prefixed}, "x.pth")
+    assert list(loaded) == list(state) and where == f"'model', {prefix!r} prefix removed"
+    loaded, where = detector_state_dict(state, "x.pth")
+    assert loaded is state and where == "a bare state dict"
+    with pytest.raises(CheckpointError, match=r"x\.pth: the state dict in 'model' has no 'decoder\.\*' keys"):
+        detector_state_dict({"model": {"conv.weight": torch.zeros(1)}}, "x.pth")
 
 
 def test_variant_mismatch_names_the_variant_the_keys_look_like(reference_dir):

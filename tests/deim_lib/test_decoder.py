@@ -110,8 +110,9 @@ def test_state_dict_keys_shapes_dtypes_and_order_equal_official_listing(referenc
 def test_official_decoder_weights_load_strictly_with_identical_derived_buffers(reference_dir, variant):
     stored = _decoder_state_dict(reference_dir, variant)
     model = DEIMTransformer(6, **CONFIGS[variant])
-    # Buffers the model derives itself must equal the stored ones bit for bit.
-    assert torch.equal(model.anchors, stored["anchors"])
+    # Buffers the model derives itself must equal the stored ones: the anchors are logits, and the vectorised log of
+    # torch builds differs by up to one float32 ulp (1.19e-7 here), so they are compared to two ulps; the rest exactly.
+    torch.testing.assert_close(model.anchors, stored["anchors"], rtol=2.4e-7, atol=2.4e-7)
     assert torch.equal(model.valid_mask, stored["valid_mask"])
     for i, layer in enumerate(model.decoder.layers):
         assert torch.equal(layer.cross_attn.num_points_scale, stored[f"decoder.layers.{i}.cross_attn.num_points_scale"])

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from deim_lib.backbone.hgnetv2 import FrozenBatchNorm2d, HGNetv2
+from deim_lib.errors import CheckpointError
 
 
 def official_entries(reference_dir: Path, variant: str, prefix: str) -> list[tuple[str, list[int], str]]:
@@ -151,11 +152,11 @@ def test_load_pretrained_keeps_only_entries_with_matching_shapes(tmp_path):
 def test_load_pretrained_rejects_garbage_with_the_file_name(tmp_path):
     garbage = tmp_path / "garbage.pth"
     garbage.write_bytes(b"not a checkpoint")
-    with pytest.raises(ValueError, match=r"garbage\.pth"):
+    with pytest.raises(CheckpointError, match=r"garbage\.pth"):
         atto_backbone().load_pretrained(garbage)
     not_a_state_dict = tmp_path / "list.pth"
     torch.save([1, 2, 3], not_a_state_dict)
-    with pytest.raises(ValueError, match=r"list\.pth"):
+    with pytest.raises(CheckpointError, match=r"list\.pth"):
         atto_backbone().load_pretrained(not_a_state_dict)
 
 

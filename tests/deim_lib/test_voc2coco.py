@@ -89,10 +89,47 @@ def test_unpaired_files_and_unusable_objects_are_skipped_and_reported(tmp_path, 
     }
 
     assert main(["--images", str(images), "--annotations", str(xmls), "--output", str(tmp_path / "out.json")]) == 0
-    summary = capsys.readouterr().out.strip()
-    assert len(summary.splitlines()) == 1
+    summary, written = capsys.readouterr().out.strip().splitlines()
+    assert written == f"{tmp_path / 'out.json'}: 2 images, 2 boxes"
     assert "lonely.png" in summary and "orphan.xml" in summary and "objects without class or box 2" in summary
     assert json.loads((tmp_path / "out.json").read_text())["annotations"] == coco["annotations"]
+
+
+def test_folders_without_pairs_are_an_error_naming_both_folders(tmp_path, capsys):
+    images, xmls = tmp_path / "img", tmp_path / "xml"
+    images.mkdir()
+    xmls.mkdir()
+    Image.new("RGB", (4, 4)).save(images / "a.png")
+    (xmls / "b.xml").write_text(_voc_xml([("dent", (1, 1, 2, 2))]))
+    for first, second in ((images, xmls), (xmls, images)):  # unpaired, then swapped
+        assert main(["--images", str(first), "--annotations", str(second), "--output", str(tmp_path / "o.json")]) == 2
+        error = capsys.readouterr().err.strip()
+        assert error.startswith("error: no image/XML pairs") and "the right folders" in error and "\n" not in error
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_a_misspelt_class_is_an_error_with_classes_and_a_warning_without(tmp_path, capsys):
+    images, xmls = tmp_path / "img", tmp_path / "xml"
+    images.mkdir()
+    xmls.mkdir()
+    for index in range(11):
+        Image.new("RGB", (40, 30)).save(images / f"{index}.png")
+        name = "scratch" if index else "scrach"
+        (xmls / f"{index}.xml").write_text(_voc_xml([(name, (1, 1, 20, 20)), ("pit", (5, 5, 9, 9))]))
+    warnings = []
+    coco = convert(images, xmls, warn=warnings.append)
+    assert [c["name"] for c in coco["categories"]] == ["pit", "scrach", "scratch"]
+    assert len(warnings) == 1 and "'scrach' appears in 1 file(s) (e.g. 0.xml), 'scratch' in 10" in warnings[0]
+    arguments = ["--images", str(images), "--annotations", str(xmls), "--output", str(tmp_path / "o.json")]
+    assert main([*arguments, "--classes", "scratch,pit"]) == 2
+    assert (
+        "0.xml: class 'scrach' is not in --classes ['scratch', 'pit']; did you mean 'scratch'?"
+        in capsys.readouterr().err
+    )
+    (xmls / "0.xml").write_text(_voc_xml([("scratch", (1, 1, 20, 20))]))
+    assert main([*arguments, "--classes", "scratch,pit"]) == 0
+    categories = json.loads((tmp_path / "o.json").read_text())["categories"]
+    assert [(c["id"], c["name"]) for c in categories] == [(1, "scratch"), (2, "pit")]  # the order given
 
 
 def test_missing_folder_is_a_one_line_error(tmp_path, capsys):
