@@ -2,7 +2,8 @@
 # The project's two entry points on a fresh machine (Python 3.11, PyPI reachable, no GPU needed):
 #   ./run.sh demo   generate the synthetic defect dataset and run phases 0 → 1 → 2 → 3 on it
 #   ./run.sh test   lint and run the test suite
-# Both create .venv and install requirements on first use (again whenever a requirements file changes).
+# Both create .venv and install the requirements at the versions of requirements-lock.txt on first use (again
+# whenever a requirements file changes).
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -10,9 +11,11 @@ python=${PYTHON:-python3}
 if [ ! -x .venv/bin/python ]; then
   "$python" -m venv .venv
 fi
-stamp=".venv/.installed-$(cat requirements.txt requirements-dev.txt | sha256sum | cut -c1-16)"
+stamp=".venv/.installed-$(cat requirements.txt requirements-dev.txt requirements-lock.txt | sha256sum | cut -c1-16)"
 if [ ! -f "$stamp" ]; then
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -r requirements.txt -r requirements-dev.txt
+  echo "installing the requirements into .venv (once; torch is a large download, expect a few minutes)" >&2
+  .venv/bin/python -m pip install --quiet --disable-pip-version-check \
+      -r requirements.txt -r requirements-dev.txt -c requirements-lock.txt
   touch "$stamp"
 fi
 
@@ -20,7 +23,9 @@ command=${1:-}
 shift || true
 case "$command" in
   demo)
-    exec .venv/bin/python train_progressive.py --config configs/demo.yaml --phase all "$@"
+    # A fresh output folder every time: the demo trains its own base detector, and a folder belongs to one base.
+    rm -rf checkpoints/demo
+    exec .venv/bin/python train_progressive.py --config configs/demo.yaml --phase all --output-dir checkpoints/demo "$@"
     ;;
   test)
     .venv/bin/ruff check .
