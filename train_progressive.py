@@ -5,76 +5,92 @@ Phases: 0 trains the base detector without text (skip it when you have a converg
 The backbone never trains after phase 0. Every phase starts from the previous phase's best weights.
 
     python train_progressive.py --config configs/neu_det.yaml --phase 1 --init my_deimv2_defects.pth
-    python train_progressive.py --config configs/neu_det.yaml --phase 2   # picks up checkpoints/phase1_best.pth
+    python train_progressive.py --config configs/neu_det.yaml --phase 2   # starts from checkpoints/phase1_best.pth
     python train_progressive.py --config configs/neu_det.yaml --phase 2 --resume checkpoints/phase2_last.pth
     torchrun --nproc_per_node=4 train_progressive.py --config configs/neu_det.yaml --phase 1 --init base.pth
     python train_progressive.py --config configs/demo.yaml --phase all    # the CPU demo, phases 0 → 3
 """
 
 import argparse
+import sys
+
+from multimodal.phase_table import PHASE_INDICES, PHASES
+
+EPILOG = """phases (defaults of the phaseN config sections):
+{phases}
+
+--set takes YAML values:  --set phase1.epochs=3  --set "phase2.trainable=[fusion, class_heads]"
+                          --set text_encoder.pretrained=null  --set monitor.on_drop=stop
+--print-config prints every key with its resolved value (multimodal/config.py says what each means)."""
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    phases = "\n".join(
+        f"  {rule.index}: {rule.purpose}; trains {', '.join(rule.trainable)} at lr {rule.lr or 'of the variant'}"
+        for rule in PHASES
+    )
+    parser = argparse.ArgumentParser(
+        description=__doc__, epilog=EPILOG.format(phases=phases), formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    add = parser.add_argument
+    add("--config", help="YAML file of config values (default: none, every value from multimodal/config.py)")
+    add("--phase", choices=[*map(str, PHASE_INDICES), "all"], help="phase to run; all: 0 → 3 (required)")
+    add(
+        "--init",
+        metavar="FILE",
+        help="start the phase from these weights: an official DEIMv2 checkpoint or an "
+        "earlier phase's checkpoint (default: phase{N-1}_best.pth in --output-dir, or model.weights)",
+    )
+    add("--resume", metavar="FILE", help="continue the phase this phaseN_last.pth was written in (default: none)")
+    add(
+        "--output-dir",
+        default="checkpoints",
+        help="checkpoints, metrics and report, one base each (default: %(default)s)",
+    )
+    add("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    add("--seed", type=int, help="seed of data order and new weights (default: 0, or the resumed run's)")
+    add("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
+    add("--eval-only", action="store_true", help="evaluate the weights the phase would start from, then exit")
+    add("--print-config", action="store_true", help="print the resolved config as YAML, then exit")
+    args = parser.parse_args(argv)
+    if args.phase is None and not args.print_config:
+        parser.error("--phase is required (0, 1, 2, 3 or all)")
+    return args
+
+
+if __name__ == "__main__":
+    parse_args(sys.argv[1:])  # --help and usage errors answer here, before the heavy imports below (seconds)
+
 import json
 import random
-import sys
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from deim_lib import PostProcessor, build_criterion, build_detector
-from deim_lib.checkpoint import CheckpointError, load_detector_state
-from deim_lib.data.dataset import DatasetError
+from deim_lib import PostProcessor, build_detector
+from deim_lib.checkpoint import load_detector_state
+from deim_lib.cli import report
+from deim_lib.data.dataset import CocoDetection
+from deim_lib.errors import UserError
 from deim_lib.evaluate import evaluate_detector
-from deim_lib.variants import get_variant
-from multimodal.checkpointing import (
-    StartPoint,
-    phase_checkpoint_path,
-    prepare_output_dir,
-    resolve_start,
-    restore_training_state,
-    save_training_checkpoint,
-)
-from multimodal.config import ConfigError, PhaseConfig, TrainConfig, config_to_dict, load_config
-from multimodal.distributed import (
-    DeviceError,
-    all_ranks_agree,
-    barrier,
-    broadcast_object,
-    cleanup_distributed,
-    replicas_identical,
-    setup_distributed,
-    unwrap,
-)
-from multimodal.loaders import build_datasets, build_train_loader, build_val_loader, prepare_synthetic_data
-from multimodal.model import MultimodalDetector, attach_text, detector_parts, load_weights
-from multimodal.monitor import ForgettingMonitor
-from multimodal.optimization import ModelEMA, build_optimizer, lr_factor, set_lr
-from multimodal.phases import apply_phase, compile_frozen_parts, constant_parameters
-from multimodal.text_encoder import TextEmbeddings, TextEncoderError, load_text_embeddings
-
-
-class TrainingError(RuntimeError):
-    """The run had to stop (e.g. repeated non-finite losses); the message says what was kept."""
-
-
-USER_ERRORS = (ConfigError, CheckpointError, DatasetError, TextEncoderError, DeviceError, TrainingError, OSError)
-
-
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", required=True, help="YAML file (values only; see multimodal/config.py)")
-    parser.add_argument("--phase", required=True, choices=["0", "1", "2", "3", "all"])
-    parser.add_argument("--init", help="weights to start from: an official DEIMv2 .pth or a checkpoint of ours")
-    parser.add_argument("--resume", help="phaseN_last.pth to continue, or a phase N-1 checkpoint to start phase N")
-    parser.add_argument("--output-dir", default="checkpoints")
-    parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value")
-    parser.add_argument("--eval-only", action="store_true", help="evaluate the starting weights and exit")
-    return parser.parse_args(argv)
+from deim_lib.variants import Variant, get_variant
+from multimodal import distributed, loaders
+from multimodal.config import ConfigError, TrainConfig, changed_values, config_to_dict, config_to_yaml, load_config
+from multimodal.files import prepare_output_dir, remove_stale_temporaries
+from multimodal.model import MultimodalDetector, attach_text, load_weights
+from multimodal.monitor import ForgettingMonitor, file_fingerprint, format_epoch, machine
+from multimodal.optimization import lr_factor, set_lr
+from multimodal.phase_checkpoint import PhaseProgress, RunInfo, TrainingState, checkpoint_path, save_phase_checkpoint
+from multimodal.phases import constant_parameters
+from multimodal.start import StartPoint, check_resumable, resolve_start
+from multimodal.text_encoder import TextEmbeddings, class_embeddings
+from multimodal.text_usage import evaluate_with_text
+from multimodal.training import PhaseSetup, TrainingError, checkpoint_now, restore_phase, setup_phase, train_step
 
 
 @dataclass
@@ -83,337 +99,299 @@ class Run:
 
     config: TrainConfig
     output_dir: Path
-    device: torch.device
-    is_main: bool
-    rank: int
-    world_size: int
-    seed: int
-    class_names: list[str]
-    image_size: int
+    context: distributed.DistributedContext
+    info: RunInfo
+    variant: Variant
+    val_dataset: CocoDetection
+    val_loader: torch.utils.data.DataLoader
+    monitor: ForgettingMonitor
+    text: TextEmbeddings | None = None  # set when the text fusion is attached (phase 1 on)
 
     def log(self, message: str) -> None:
-        if self.is_main:
+        if self.context.is_main:
             tqdm.write(message)
 
 
-def float32(outputs):
-    """The model's outputs with bf16 tensors upcast: the DEIMv2 loss is computed in float32."""
-    if isinstance(outputs, dict):
-        return {key: float32(value) for key, value in outputs.items()}
-    if isinstance(outputs, list | tuple):
-        return type(outputs)(float32(value) for value in outputs)
-    if isinstance(outputs, torch.Tensor) and outputs.dtype == torch.bfloat16:
-        return outputs.float()
-    return outputs
-
-
-def train_one_epoch(model, criterion, loader, optimizer, ema, run: Run, phase: PhaseConfig, state: dict, save_fn):
-    """One pass over ``loader``; ``state`` holds the phase's global step and non-finite counters (updated in place).
-
-    Returns the epoch's mean losses, or None when too many non-finite losses in a row ask the run to stop.
-    """
-    total_steps = phase.epochs * len(loader.batch_sampler)
-    use_amp = phase.amp and run.device.type == "cuda"
-    sums, count, seen, rate, start = {}, 0, 0, 0.0, time.perf_counter()
-    bar = tqdm(loader, desc=f"epoch {state['epoch']}", disable=not run.is_main, leave=False)
-    for images, targets in bar:
-        images = images.to(run.device, non_blocking=True)
-        targets = [{k: v.to(run.device, non_blocking=True) for k, v in t.items()} for t in targets]
+def train_one_epoch(setup: PhaseSetup, loader, run: Run, progress: PhaseProgress, bar) -> dict:
+    """One pass over ``loader``; ``progress.state`` advances in place. Returns the epoch's mean losses and speed."""
+    phase = run.config.phase(setup.index)
+    state, total_steps = progress.state, phase.epochs * len(loader.batch_sampler)
+    sums, count, seen, start = {}, 0, 0, time.perf_counter()
+    for images, targets in loader:
+        images = images.to(run.context.device, non_blocking=True)
+        targets = [{k: v.to(run.context.device, non_blocking=True) for k, v in t.items()} for t in targets]
         factor = lr_factor(
-            state["step"], total_steps, phase.warmup_iters, phase.scheduler, phase.flat_fraction, phase.min_lr_ratio
+            state.step, total_steps, phase.warmup_iters, phase.scheduler, phase.flat_fraction, phase.min_lr_ratio
         )
-        set_lr(optimizer, factor)
-        with torch.autocast(run.device.type, dtype=torch.bfloat16, enabled=use_amp):
-            outputs = model(images, targets)
-        losses = criterion(float32(outputs) if use_amp else outputs, targets, epoch=state["epoch"])
-        loss = sum(losses.values())
-
-        optimizer.zero_grad(set_to_none=True)
-        state["batch"] += 1  # position in the epoch (what resuming skips), whether or not the step is taken
-        if not all_ranks_agree(bool(torch.isfinite(loss)), run.device):
-            state["nonfinite_in_a_row"] += 1
-            state["nonfinite_total"] += 1
-            run.log(f"warning: non-finite loss at step {state['step']}; step skipped")
-            if state["nonfinite_in_a_row"] >= state["max_nonfinite"]:
-                return None
+        set_lr(setup.optimizer, factor)
+        losses, taken = train_step(setup, images, targets, state.epoch)
+        state.batch += 1  # the position in the epoch (what resuming skips), whether or not the step was taken
+        bar.update(1)
+        if not taken:
+            state.nonfinite_in_a_row, state.nonfinite_total = state.nonfinite_in_a_row + 1, state.nonfinite_total + 1
+            run.log(f"warning: non-finite loss, outputs or gradients at step {state.step}; step skipped")
+            if state.nonfinite_in_a_row >= run.config.monitor.max_nonfinite_steps:
+                raise TrainingError(
+                    f"phase {setup.index}: {state.nonfinite_in_a_row} non-finite steps in a row at step {state.step} "
+                    f"(monitor.max_nonfinite_steps); stopped, {kept_checkpoint(run, setup.index)} (lower the LR?)"
+                )
             continue
-        state["nonfinite_in_a_row"] = 0
-        loss.backward()
-        if phase.grad_clip > 0:
-            params = [p for group in optimizer.param_groups for p in group["params"]]
-            torch.nn.utils.clip_grad_norm_(params, phase.grad_clip)
-        optimizer.step()
-        if ema is not None:
-            ema.update(unwrap(model))
-        state["step"] += 1
-
-        count += 1
-        seen += len(images) * run.world_size
-        for name, value in (("loss", loss), *losses.items()):
+        state.nonfinite_in_a_row, state.step, count = 0, state.step + 1, count + 1
+        seen += len(images) * run.context.world_size
+        for name, value in (("loss", sum(losses.values())), *losses.items()):
             sums[name] = sums.get(name, 0.0) + value.detach()  # stays on the device: no sync per term
-        rate = seen / (time.perf_counter() - start)
         if count % 10 == 1:
-            bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.2e}", img_s=f"{rate:.1f}")
-        if phase.checkpoint_every_steps and state["step"] % phase.checkpoint_every_steps == 0:
-            save_fn()
-    means = {name: float(value) / max(1, count) for name, value in sums.items()}
-    return means | {"images_per_s": rate, "seconds": time.perf_counter() - start}
-
-
-def evaluate(model, run: Run, val: tuple) -> dict:
-    val_loader, val_dataset, postprocessor = val
-    metrics, _ = evaluate_detector(
-        model, postprocessor, val_loader, run.device, val_dataset.category_ids, val_dataset.coco, progress=run.is_main
-    )
-    return metrics
-
-
-def build_optimization(index: int, lr: float, model, parts: dict, policy, run: Run) -> tuple:
-    """AdamW over exactly this phase's trainable parameters, and an EMA restarted for the phase (or None)."""
-    phase, variant = run.config.phase(index), get_variant(run.config.model.variant)
-    backbone_lr_ratio = variant.backbone_lr / variant.base_lr  # only phase 0 trains the backbone
-    fused = run.device.type == "cuda"
-    optimizer = build_optimizer(parts, phase.trainable, lr, phase.weight_decay, backbone_lr_ratio, fused=fused)
-    if not phase.ema:
-        return optimizer, None
-    names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
-    tracked = [name for name in names if name not in policy.frozen_tensors]
-    return optimizer, ModelEMA(model, tracked, phase.ema_decay, phase.ema_warmups)
-
-
-def wrap_distributed(model, run: Run, trainable: list[str]):
-    """DDP around the model after freezing, per phase: it registers gradient hooks for what is trainable now."""
-    if run.world_size == 1:
-        return model
-    device_ids = [run.device.index] if run.device.type == "cuda" else None
-    # Training the decoder, a batch without boxes leaves the denoising embedding unused.
-    return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters="decoder" in trainable)
-
-
-def measure_baseline(model, run: Run, monitor: ForgettingMonitor, val: tuple, index: int) -> None:
-    """The forgetting monitor's reference: the model before it trains (with zero gates, exactly the base detector)."""
-    metrics = evaluate(model, run, val)
-    if run.is_main:
-        monitor.save_baseline(metrics, f"start of phase {index}")
-    run.log(f"baseline (base detector): AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}")
-
-
-def epoch_summary(index: int, epoch: int, stats: dict, metrics: dict, record: dict, gates: list, state: dict) -> str:
-    line = f"phase {index} epoch {epoch}: loss {stats.get('loss', float('nan')):.4f}  AP {metrics['AP']:.4f}  "
-    line += f"AP50 {metrics['AP50']:.4f}"
-    if "delta_AP" in record:
-        line += f"  ΔAP {record['delta_AP']:+.4f}"
-    line += f"  {stats['images_per_s']:.1f} img/s"
-    if gates:
-        line += f"  gates {[round(gate, 4) for gate in gates]}"
-    if state["nonfinite_total"]:
-        line += f"  non-finite steps {state['nonfinite_total']}"
-    return line
-
-
-def model_parts(model) -> dict:
-    return model.parts() if isinstance(model, MultimodalDetector) else detector_parts(model)
-
-
-def run_phase(index: int, model, constants, start: StartPoint, run: Run, monitor: ForgettingMonitor, val, text) -> None:
-    """Train one phase: freeze, optimiser and EMA over the trainable parts, epochs of train → evaluate → save."""
-    phase, variant = run.config.phase(index), get_variant(run.config.model.variant)
-    multimodal = isinstance(model, MultimodalDetector)
-    parts = model_parts(model)
-    decoder = model.detector.decoder if multimodal else model.decoder
-    output_switches = (decoder, decoder.decoder)
-    policy = apply_phase(model, parts, phase.trainable, constants)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    lr = phase.lr if phase.lr is not None else variant.base_lr
-    run.log(f"phase {index}: training {phase.trainable} ({trainable:,} parameters), lr {lr:g}")
-
-    optimizer, ema = build_optimization(index, lr, model, parts, policy, run)
-    if run.config.compile_frozen:
-        compiled = compile_frozen_parts(parts)
-        if ema is not None:
-            compile_frozen_parts(model_parts(ema.module), compiled)  # the EMA copy evaluates: the same parts
-        run.log(f"phase {index}: torch.compile on the frozen parts {compiled}")
-    state = {"epoch": 0, "step": 0, "batch": 0, "nonfinite_in_a_row": 0, "nonfinite_total": 0}
-    state["max_nonfinite"] = run.config.monitor.max_nonfinite_steps
-    history, best = [], None
-    if start.resume:
-        history, best = restore_training_state(start.resume, model, ema, optimizer, state)
-    net = wrap_distributed(model, run, phase.trainable)
-    criterion = build_criterion(variant.name, len(run.class_names)).to(run.device)
-    train_dataset = build_datasets(run.config.data, variant, run.image_size, phase.augmentation)[0]
-    eval_model = ema.module if ema is not None else model
-
-    if index >= 1 and broadcast_object(monitor.baseline is None):
-        measure_baseline(model, run, monitor, val, index)
-    last_path, best_path = (phase_checkpoint_path(run.output_dir, index, kind) for kind in ("last", "best"))
-    described = {"config": config_to_dict(run.config), "variant": variant.name, "class_names": run.class_names}
-    described |= {"image_size": run.image_size, "phase": index}
-    if text is not None:
-        described["text_embeddings"] = text.to_dict()
-
-    def save(path: Path, finished: bool = False) -> None:
-        progress = {"step": state["step"], "last_epoch": state["epoch"] - 1, "state": dict(state)}
-        progress |= {"history": history, "best_metric": best, "finished": finished}
-        if run.is_main:
-            save_training_checkpoint(path, model, ema, optimizer, **described, **progress)
-
-    for epoch in range(state["epoch"], phase.epochs):
-        state["epoch"] = epoch
-        loader, sampler = build_train_loader(
-            train_dataset,
-            run.config.data,
-            variant,
-            run.image_size,
-            phase.augmentation,
-            run.seed,
-            epoch,
-            run.rank,
-            run.world_size,
-        )
-        sampler.start = state["batch"]
-        policy.set_train_mode(net, output_switches)
-        stats = train_one_epoch(net, criterion, loader, optimizer, ema, run, phase, state, lambda: save(last_path))
-        if stats is None:
-            raise TrainingError(
-                f"phase {index}: {state['max_nonfinite']} non-finite losses in a row at step {state['step']}; "
-                f"stopped, the last good checkpoint {last_path} is kept (lower phase{index}.lr?)"
+            bar.set_postfix(
+                loss=f"{float(sums['loss']) / count:.3f}", lr=f"{setup.optimizer.param_groups[0]['lr']:.1e}"
             )
-        state["epoch"], state["batch"] = epoch + 1, 0
-        metrics = evaluate(eval_model, run, val)
-        gates = eval_model.fusion.gate_values() if multimodal else []  # the gates of the evaluated weights
-        record = monitor.record(index, epoch, metrics, gates, stats) if run.is_main else {}
-        history.append({"epoch": epoch, "AP": metrics["AP"], "AP50": metrics["AP50"]})
+        if phase.checkpoint_every_steps and state.step % phase.checkpoint_every_steps == 0:
+            save(setup, run, progress, "last")
+    seconds = time.perf_counter() - start
+    means = {name: float(value) / max(1, count) for name, value in sums.items()}
+    return means | {"images_per_s": seen / seconds, "seconds": seconds}
+
+
+def kept_checkpoint(run: Run, index: int) -> str:
+    path = checkpoint_path(run.output_dir, index, "last")
+    return f"the last good checkpoint {path} is kept" if path.is_file() else "no checkpoint of this phase was written"
+
+
+def evaluate(model, run: Run, reliance: bool = False) -> dict:
+    """COCO metrics on the validation set; with text, the added signal and (when asked) the text reliance."""
+
+    def coco() -> dict:
+        dataset, postprocessor = run.val_dataset, PostProcessor(len(run.info.class_names))
+        return evaluate_detector(
+            model,
+            postprocessor,
+            run.val_loader,
+            run.context.device,
+            dataset.category_ids,
+            dataset.coco,
+            progress=run.context.is_main,
+        )[0]
+
+    return evaluate_with_text(model, coco, reliance)
+
+
+def save(setup: PhaseSetup, run: Run, progress: PhaseProgress, kind: str, finished: bool = False) -> None:
+    text = run.text.to_dict() if run.text is not None else None
+    try:
+        checkpoint = checkpoint_now(setup, run.info, progress, text, kind, finished)  # every rank checks
+    except TrainingError as error:
+        raise TrainingError(f"{error}; {kept_checkpoint(run, setup.index)} (lower the LR?)") from None
+    if run.context.is_main:
+        save_phase_checkpoint(checkpoint_path(run.output_dir, setup.index, kind), checkpoint)
+
+
+def run_phase(index: int, model, constants: frozenset[int], start: StartPoint, run: Run) -> None:
+    """One phase: freeze and set up, resume or measure the base, the epochs, the end-of-phase proofs and report."""
+    phase, context = run.config.phase(index), run.context
+    setup = setup_phase(
+        index,
+        model,
+        constants,
+        phase,
+        run.variant,
+        len(run.info.class_names),
+        context.device,
+        context.world_size,
+        run.config.compile_frozen,
+    )
+    run.log(f"phase {index}: training {phase.trainable} ({setup.trainable_count():,} parameters), lr {setup.lr:g}")
+    if start.resume is not None:
+        progress = restore_phase(setup, start.resume)
+    else:
+        progress = PhaseProgress(TrainingState(), [*start.lineage, uuid.uuid4().hex[:8]], baseline=start.baseline)
+    run.monitor.lineage = progress.lineage
+    if PHASES[index].compares_to_base:
+        val_fingerprint = file_fingerprint(run.val_dataset.annotation_file)
+        baseline = run.monitor.adopt_baseline(
+            progress.baseline, lambda: model.detector.state_dict(), val_fingerprint, lambda: evaluate(model, run), index
+        )
+        progress.baseline = baseline.to_dict()
+        run.log(f"base detector: AP {baseline.AP:.4f}  AP50 {baseline.AP50:.4f} ({baseline.source})")
+    dataset = loaders.build_train_dataset(
+        run.config.data, run.variant, run.info.image_size, phase.augmentation, run.log
+    )
+    data = loaders.TrainingData(
+        dataset,
+        run.config.data,
+        run.variant,
+        run.info.image_size,
+        phase.augmentation,
+        run.info.seed,
+        context.rank,
+        context.world_size,
+    )
+    done = progress.state.epoch * data.batches_per_epoch + progress.state.batch
+    with tqdm(
+        total=phase.epochs * data.batches_per_epoch,
+        initial=done,
+        unit="step",
+        disable=not context.is_main,
+        dynamic_ncols=True,
+    ) as bar:
+        train_epochs(setup, run, data, progress, bar, fresh=start.resume is None)
+    checked = setup.policy.verify_frozen(setup.model)
+    if not distributed.replicas_identical(setup.model, context.device):
+        raise TrainingError(f"phase {index}: the {context.world_size} processes ended with different weights")
+    replicas = f"; weights identical on {context.world_size} processes" if context.world_size > 1 else ""
+    frozen = ", ".join(setup.frozen_parts()) or "constants"
+    run.log(f"phase {index} done: frozen {frozen}: all {checked} tensors bit-identical{replicas}")
+    save(setup, run, progress, "last", finished=True)
+    run.monitor.write_report([f"Text embeddings: {run.text.source}."] if run.text is not None else [])
+
+
+def train_epochs(
+    setup: PhaseSetup, run: Run, data: loaders.TrainingData, progress: PhaseProgress, bar, fresh: bool
+) -> None:
+    """The phase's remaining epochs: train, evaluate, record, checkpoint (last; best when it improved), the guard."""
+    index, phase, monitor = setup.index, run.config.phase(setup.index), run.monitor
+    best_path = checkpoint_path(run.output_dir, index, "best")
+    earlier_best = monitor.earlier_best(best_path) if fresh else None  # a file this run will replace
+    for epoch in range(progress.state.epoch, phase.epochs):
+        bar.set_description(f"phase {index} epoch {epoch + 1}/{phase.epochs}")
+        started = time.perf_counter()
+        setup.train_mode()
+        stats = train_one_epoch(setup, data.loader(epoch, progress.state.batch), run, progress, bar)
+        progress.state.epoch, progress.state.batch = epoch + 1, 0
+        when = run.config.monitor.text_reliance
+        metrics = evaluate(setup.eval_model, run, when == "every" or (when == "last" and epoch + 1 == phase.epochs))
+        stats |= {"step": progress.state.step, "epoch_seconds": time.perf_counter() - started}  # with evaluation
+        record = monitor.record(index, epoch + 1, metrics, stats)
+        progress.history.append({"epoch": epoch + 1, "AP": metrics["AP"], "AP50": metrics["AP50"]})
+        save(setup, run, progress, "last")
         score = metrics[run.config.monitor.best_metric]
-        improved = best is None or score > best
-        best = score if improved else best
-        save(last_path)
-        if improved:
-            save(best_path)
-        run.log(epoch_summary(index, epoch, stats, metrics, record, gates, state))
-        if broadcast_object(run.is_main and monitor.exceeded(record)):
+        if progress.best_metric is None or score > progress.best_metric:
+            if earlier_best is not None and earlier_best > score:
+                run.log(
+                    f"warning: {best_path} of an earlier run ({run.config.monitor.best_metric} {earlier_best:.4f}) "
+                    f"is replaced by this run's best so far ({score:.4f})"
+                )
+            earlier_best, progress.best_metric = None, score
+            save(setup, run, progress, "best")
+        run.log(format_epoch(record, phase.epochs, stats, progress.state.nonfinite_total))
+        if distributed.broadcast_object(run.context.is_main and monitor.exceeded(record)):
             run.log(f"warning: AP {metrics['AP']:.4f} is more than max_ap_drop {monitor.max_ap_drop} below the base")
             if run.config.monitor.on_drop == "stop":
                 run.log(f"phase {index} stopped by the forgetting guard; {best_path} keeps the best weights")
-                break
-    checked = policy.verify_frozen(model)
-    if not replicas_identical(model, run.device):
-        raise TrainingError(f"phase {index}: the {run.world_size} processes ended with different weights")
-    replicas = f", weights identical on {run.world_size} processes" if run.world_size > 1 else ""
-    run.log(f"phase {index} done: {checked} frozen tensors verified bit-identical{replicas}")
-    save(last_path, finished=True)
-    if run.is_main:
-        monitor.write_report(report_notes(run.config))
+                return
 
 
-def report_notes(config: TrainConfig) -> list[str]:
-    text = config.text_encoder
-    if text.precomputed:
-        return [f"Text embeddings: precomputed file {text.precomputed}."]
-    if text.pretrained is None:
-        return [f"Text embeddings: open_clip {text.model} with RANDOM weights (text_encoder.pretrained: null)."]
-    return [f"Text embeddings: open_clip {text.model}, weights {text.pretrained}."]
+def prepare_model(run: Run, detector, model, start: StartPoint, index: int, eval_only: bool):
+    """The phase's model with the start point's weights: the detector, then (phase ≥ 1) the text fusion."""
+    if start.class_names is not None and start.class_names != run.info.class_names:
+        raise ConfigError(
+            f"the start point's classes {start.class_names} differ from the dataset's "
+            f"{run.info.class_names}; data.* must describe the classes the checkpoint was trained on"
+        )
+    if start.detector_state is not None:
+        reset = load_detector_state(
+            detector, start.detector_state, start.description, run.config.model.reinit_class_heads
+        )
+        trains_heads = {"class_heads", "decoder"} & set(run.config.phase(index).trainable)
+        if reset and not trains_heads and not eval_only:
+            raise ConfigError(
+                f"model.reinit_class_heads gave the detector new, random class heads for {len(run.info.class_names)} "
+                f"classes, but phase {index} trains only {run.config.phase(index).trainable}: they would stay random; "
+                f"run phase 0 first, or add class_heads to phase{index}.trainable"
+            )
+        if reset:
+            run.log(f"re-initialised for the new class count: {', '.join(reset)}")
+    elif start.resume is None and run.config.model.pretrained_backbone and index == 0:
+        detector.backbone.load_pretrained(run.config.model.pretrained_backbone)
+    if PHASES[index].uses_text and run.text is None:
+        text = None  # computed once, on rank 0, and sent to every rank
+        if run.context.is_main or start.text_embeddings is not None:
+            text = class_embeddings(run.config, run.info.class_names, start.text_embeddings, run.output_dir, run.log)
+        run.text = TextEmbeddings.from_dict(distributed.broadcast_object(text.to_dict() if text else None))
+        fusion = run.config.fusion
+        model = attach_text(detector, run.text.embeddings, fusion.num_heads, fusion.text_aware_classification)
+    if start.fusion_state and isinstance(model, MultimodalDetector):
+        load_weights(model, None, start.fusion_state, start.description)
+    return model.to(run.context.device)
 
 
-def class_text_embeddings(run: Run, start: StartPoint) -> TextEmbeddings:
-    """The start point's cached embeddings when they describe the same classes, else computed (once, on rank 0)."""
-    if start.text_embeddings is not None and start.text_embeddings["class_names"] == run.class_names:
-        run.log("text embeddings: taken from the checkpoint (no text model needed)")
-        return TextEmbeddings.from_dict(start.text_embeddings)
-    text = run.config.text_encoder
-    prompts = dict(run.config.data.classes) or {name: [name] for name in run.class_names}
-    result = None
-    if run.is_main:
-        cache_dir = Path(text.cache_dir) if text.cache_dir else run.output_dir / "text_cache"
-        result = load_text_embeddings(prompts, text.templates, text.model, text.pretrained, cache_dir, text.precomputed)
-        run.log(f"text embeddings: {result.source}, {tuple(result.embeddings.shape)}")
-        if text.pretrained is None and text.precomputed is None:
-            run.log("note: the CLIP text tower has RANDOM weights (text_encoder.pretrained: null); set it to 'openai'")
-    return TextEmbeddings.from_dict(broadcast_object(result.to_dict() if result else None))
+def prepare_run(config: TrainConfig, output_dir: Path, context: distributed.DistributedContext, seed: int) -> Run:
+    """Seeds, the validation data (it fixes the class list) and the forgetting monitor."""
+    random.seed(seed + context.rank)
+    np.random.seed(seed + context.rank)
+    torch.manual_seed(seed + context.rank)
+    if context.is_main and loaders.prepare_synthetic_data(config.data):
+        tqdm.write(f"generated the synthetic defect dataset in {config.data.synthetic_dir}")
+    distributed.barrier()
+    variant = get_variant(config.model.variant)
+    image_size = config.model.image_size or variant.eval_size[0]
+    val_dataset = loaders.build_val_dataset(config.data, variant, image_size)
+    val_loader = loaders.build_val_loader(
+        val_dataset, config.data.val_batch_size, config.data.num_workers, context.rank, context.world_size
+    )
+    info = RunInfo(
+        variant.name, image_size, val_dataset.class_names, val_dataset.category_ids, config_to_dict(config), seed
+    )
+    monitor = ForgettingMonitor(output_dir, config.monitor.max_ap_drop, writes=context.is_main)
+    return Run(config, output_dir, context, info, variant, val_dataset, val_loader, monitor)
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
+    args, started = parse_args(argv), time.perf_counter()
+    phase_now = None
     try:
-        # Config, distributed context, output directory, seeds.
+        # Config, distributed context, output directory, where the first phase starts, seeds, data.
         config = load_config(args.config, args.set)
-        context = setup_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if args.print_config:
+            print(config_to_yaml(config), end="")
+            return 0
+        context = distributed.setup_distributed(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if config.data.batch_size % context.world_size:
             raise ConfigError(
-                f"data.batch_size {config.data.batch_size} is the global batch and must divide evenly over "
-                f"{context.world_size} processes"
+                f"data.batch_size {config.data.batch_size} is the global batch and must divide evenly "
+                f"over the {context.world_size} processes"
             )
         output_dir = prepare_output_dir(args.output_dir)
-        random.seed(args.seed + context.rank)
-        np.random.seed(args.seed + context.rank)
-        torch.manual_seed(args.seed + context.rank)
+        if context.is_main and remove_stale_temporaries(output_dir):
+            tqdm.write(f"removed the temporary files of an interrupted write in {output_dir}")
+        # --phase all runs phases 0 → 3, or from the phase of the --resume file on.
+        first = None if args.phase == "all" and args.resume else (0 if args.phase == "all" else int(args.phase))
+        start = resolve_start(first, config, output_dir, args.resume, args.init, args.eval_only)
+        first = start.resume.phase if first is None else first
+        phases = [index for index in PHASE_INDICES if index >= first] if args.phase == "all" else [first]
+        seed = check_resumable(start, config, phases[0], args.seed) if start.resume else (args.seed or 0)
+        run = prepare_run(config, output_dir, context, seed)
+        run.log(f"config, values set by the YAML and --set (--print-config shows every key): {changed_values(config)}")
 
-        # Data: the validation set fixes the class list; training sets are built per phase (augmentation differs).
-        if context.is_main and prepare_synthetic_data(config.data):
-            tqdm.write(f"generated the synthetic defect dataset in {config.data.synthetic_dir}")
-        barrier()
-        variant = get_variant(config.model.variant)
-        image_size = config.model.image_size or variant.eval_size[0]
-        val_dataset = build_datasets(config.data, variant, image_size, "finetune")[1]
-        run = Run(
-            config,
-            output_dir,
-            context.device,
-            context.is_main,
-            context.rank,
-            context.world_size,
-            args.seed,
-            val_dataset.class_names,
-            image_size,
-        )
-        run.log(f"config: {json.dumps(config_to_dict(config))}")
-        val_loader = build_val_loader(
-            val_dataset, config.data.val_batch_size, config.data.num_workers, context.rank, context.world_size
-        )
-        val = (val_loader, val_dataset, PostProcessor(len(run.class_names)))
-
-        # Model: the DEIMv2 detector; phases ≥ 1 wrap it with the text fusion.
-        detector = build_detector(variant.name, len(run.class_names), eval_size=(image_size, image_size))
+        # Model: the DEIMv2 detector; phases ≥ 1 wrap it with the text fusion. Then the phases, in order.
+        detector = build_detector(run.variant.name, len(run.info.class_names), eval_size=(run.info.image_size,) * 2)
         if context.world_size > 1 and context.device.type == "cuda":
             # As official DEIMv2 (sync_bn): batch statistics over all GPUs when BatchNorm trains (phase 0).
             detector = torch.nn.SyncBatchNorm.convert_sync_batchnorm(detector)
-        constants = constant_parameters(detector)
-        model, text = detector, None
-        monitor = ForgettingMonitor(output_dir, config.monitor.max_ap_drop)
-        phases = [0, 1, 2, 3] if args.phase == "all" else [int(args.phase)]
-        for position, index in enumerate(phases):
-            first = position == 0
-            start = resolve_start(
-                index, args.resume if first else None, args.init if first else None, output_dir, config.model.weights
-            )
-            run.log(f"phase {index}: starting from {start.description}")
-            if start.detector_state is not None:
-                reset = load_detector_state(
-                    detector, start.detector_state, start.description, config.model.reinit_class_heads
-                )
-                if reset:
-                    run.log(f"re-initialised for the new class count: {', '.join(reset)}")
-            elif start.resume is None and config.model.pretrained_backbone:
-                detector.backbone.load_pretrained(config.model.pretrained_backbone)
-            if index >= 1 and text is None:
-                text = class_text_embeddings(run, start)
-                model = attach_text(
-                    detector, text.embeddings, config.fusion.num_heads, config.fusion.text_aware_classification
-                )
-            if start.fusion_state is not None and model is not detector:
-                load_weights(model, None, start.fusion_state, start.description)
-            model.to(context.device)
+        constants, model = constant_parameters(detector), detector
+        for position, phase_now in enumerate(phases):
+            start = start if position == 0 else resolve_start(phase_now, config, output_dir)
+            for note in start.notes:
+                run.log(note)
+            run.log(f"phase {phase_now}: starting from {start.description}")
+            model = prepare_model(run, detector, model, start, phase_now, args.eval_only)
             if args.eval_only:
-                metrics = evaluate(model, run, val)
-                run.log(f"metrics: {json.dumps(metrics)}")
+                weights = "EMA weights of the resume point, as its run evaluated them" if start.resume else "weights"
+                run.log(f"evaluating the start {weights}")
+                run.log(f"metrics: {json.dumps(evaluate(model, run, reliance=isinstance(model, MultimodalDetector)))}")
                 return 0
-            run_phase(index, model, constants, start, run, monitor, val, text)
-        run.log("\n" + monitor.summary_table())
+            run_phase(phase_now, model, constants, start, run)
+        run.log("\n" + run.monitor.summary_table())
+        run.monitor.write_summary(machine(context.device), time.perf_counter() - started, sys.argv)
+        run.log(run.monitor.text_verdict())
         return 0
-    except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except UserError as error:
+        return report(error)
+    except KeyboardInterrupt:
+        last = checkpoint_path(args.output_dir, phase_now, "last") if phase_now is not None else None
+        hint = f"; continue with --phase {phase_now} --resume {last}" if last is not None and last.is_file() else ""
+        print(f"interrupted{hint}", file=sys.stderr)
+        return 130
     finally:
-        cleanup_distributed()
+        distributed.cleanup_distributed()
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """Training and inference throughput of DEIMv2 full fine-tuning against the progressive phases, on synthetic batches.
 
-One run measures, for one variant, batch size and resolution on one device: ``full`` (the bare detector, everything
-trainable but the official constants), ``phase1``–``phase3`` (the text-fusion model with the phase's parts trainable,
-as train_progressive.py trains them) and ``eval`` (eval forward + post-processing of the text-fusion model).
+One run measures, for one variant, batch size and resolution on one device: ``full`` (the bare detector with phase
+0's recipe, everything trainable but the official constants), ``phase1``–``phase3`` (the text-fusion model with the
+phase's parts trainable) and ``eval`` (eval forward + post-processing of the text-fusion model). The training cases
+are set up and stepped by ``multimodal.training`` (``setup_phase``, ``train_step``): the code train_progressive.py
+runs, timed as it is.
 
     python benchmarks/throughput.py --variant s --batch-size 16 --image-size 640 --device cuda
     python benchmarks/throughput.py --variant s --batch-size 16 --image-size 640 --device cuda --profile --ema
@@ -16,13 +18,12 @@ import argparse
 import ctypes
 import gc
 import json
-import platform
 import re
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import partial
 from pathlib import Path
 
@@ -34,11 +35,12 @@ from torch.utils.hooks import RemovableHandle
 # Run as ``python benchmarks/throughput.py``: the project packages live one folder up.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deim_lib import VARIANTS, PostProcessor, build_criterion, build_detector, get_variant
-from multimodal.config import PhaseConfig, TrainConfig
-from multimodal.model import attach_text, detector_parts
-from multimodal.optimization import ModelEMA, build_optimizer
-from multimodal.phases import apply_phase, compile_frozen_parts, constant_parameters
+from deim_lib import VARIANTS, PostProcessor, build_detector, get_variant
+from multimodal.config import TrainConfig
+from multimodal.model import attach_text
+from multimodal.monitor import device_name
+from multimodal.phases import compile_frozen_parts, constant_parameters
+from multimodal.training import PhaseSetup, setup_phase, train_step
 
 CASES = ("full", "phase1", "phase2", "phase3", "eval")
 TRAIN_CASES = CASES[:4]
@@ -107,68 +109,36 @@ def synthetic_batch(
 
 @dataclass
 class Case:
-    """One model ready to be timed; ``optimizer``, ``criterion`` and ``ema`` are None for inference."""
+    """One model ready to be timed: a training phase's setup (``multimodal.training``), or an eval-mode model."""
 
     model: nn.Module
     trainable_params: int
-    optimizer: torch.optim.Optimizer | None = None
-    criterion: nn.Module | None = None
-    ema: ModelEMA | None = None
-    grad_clip: float = 0.0
+    setup: PhaseSetup | None = None
 
 
 def build_case(name: str, args: argparse.Namespace, device: torch.device) -> Case:
-    """The model (and for training its optimiser and criterion) of case ``name``, seeded by ``args.seed``."""
+    """The model (and for training the phase setup train_progressive.py uses) of case ``name``, seeded by ``args``.
+
+    ``full`` is phase 0's recipe (the official fine-tune: every part at the variant's LR and weight decay); the
+    phases are their default config sections. The EMA is left out unless ``--ema``.
+    """
     torch.manual_seed(args.seed)
     variant = get_variant(args.variant)
     detector = build_detector(args.variant, args.num_classes, eval_size=(args.image_size, args.image_size))
-    if name == "full":
-        # The official fine-tuning recipe: every part at the variant's LR (backbone at its own), clip 0.1.
-        phase = PhaseConfig(["backbone", "encoder", "decoder"], variant.base_lr, weight_decay=variant.weight_decay)
-        return training_case(detector, detector_parts(detector), phase, args, device)
+    constants = constant_parameters(detector)  # the freshly built model's non-trainable tensors
     text = nn.functional.normalize(torch.randn(args.num_classes, TEXT_DIM), dim=-1)  # random unit class embeddings
-    model = attach_text(detector, text)
+    model = detector if name == "full" else attach_text(detector, text)
+    model.to(device)
     if name == "eval":
-        model.requires_grad_(False).to(device).eval()
+        model.requires_grad_(False).eval()
         if args.compile:
             compile_frozen_parts(model.parts())
         return Case(model, trainable_params=0)
-    phase = TrainConfig().phase(int(name.removeprefix("phase")))
-    return training_case(model, model.parts(), phase, args, device)
-
-
-def training_case(
-    model: nn.Module,
-    parts: dict[str, list[nn.Module]],
-    phase: PhaseConfig,
-    args: argparse.Namespace,
-    device: torch.device,
-) -> Case:
-    """Freeze, set train mode, build AdamW (and EMA) for ``phase`` exactly as train_progressive.py does.
-
-    ``model`` is freshly built: what does not require a gradient yet is an official constant.
-    """
-    variant = get_variant(args.variant)
-    model.to(device)
-    policy = apply_phase(model, parts, phase.trainable, constant_parameters(model))
-    if args.compile:
-        compile_frozen_parts(parts)
-    decoder = parts["decoder"][0]
-    policy.set_train_mode(model, (decoder, decoder.decoder))
-    ratio, fused = variant.backbone_lr / variant.base_lr, device.type == "cuda"
-    optimizer = build_optimizer(parts, phase.trainable, phase.lr, phase.weight_decay, ratio, fused=fused)
-    ema = None
-    if args.ema:
-        tensors = dict(model.named_parameters()) | dict(model.named_buffers())
-        ema = ModelEMA(model, [name for name in tensors if name not in policy.frozen_tensors])
-    return Case(
-        model,
-        trainable_params=sum(p.numel() for p in model.parameters() if p.requires_grad),
-        optimizer=optimizer,
-        criterion=build_criterion(args.variant, args.num_classes).to(device),
-        ema=ema,
-        grad_clip=phase.grad_clip,
-    )
+    index = 0 if name == "full" else int(name.removeprefix("phase"))
+    phase = replace(TrainConfig().phase(index), ema=args.ema, amp=args.amp)
+    setup = setup_phase(index, model, constants, phase, variant, args.num_classes, device, compile_frozen=args.compile)
+    setup.train_mode()
+    return Case(model, setup.trainable_count(), setup)
 
 
 class PartTimer:
@@ -212,31 +182,6 @@ class PartTimer:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def no_lap(part: str) -> None:
-    """Part timing switched off."""
-
-
-def train_step(case: Case, images: Tensor, targets: list[dict], amp: bool, lap: Callable[[str], None] = no_lap) -> None:
-    """One step of train_progressive.py's loop: forward (bf16 autocast when ``amp``), criterion outside autocast,
-    backward, gradient clipping, AdamW (and EMA when the case has one); ``lap(part)`` is called after each part."""
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=amp):
-        outputs = case.model(images, targets)
-    lap("forward")
-    loss = sum(case.criterion(outputs, targets).values())
-    lap("criterion")
-    case.optimizer.zero_grad(set_to_none=True)
-    loss.backward()
-    lap("backward")
-    if case.grad_clip > 0:
-        params = [p for group in case.optimizer.param_groups for p in group["params"]]
-        torch.nn.utils.clip_grad_norm_(params, case.grad_clip)
-    case.optimizer.step()
-    lap("optimizer")
-    if case.ema is not None:
-        case.ema.update(case.model)
-        lap("ema")
 
 
 def eval_step(case: Case, postprocessor: PostProcessor, images: Tensor, sizes: Tensor, amp: bool) -> None:
@@ -336,7 +281,7 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device, batch: t
         sizes = torch.tensor([[args.image_size, args.image_size]], device=device).expand(len(images), -1)
         step = partial(eval_step, case, postprocessor, images, sizes, amp)
     else:
-        step = partial(train_step, case, images, targets, amp)
+        step = partial(train_step, case.setup, images, targets, 0)
     all_times = step_seconds(step, args.steps, args.warmup, device)
     times = all_times[args.warmup :]
     seconds = sum(times) / len(times)
@@ -353,24 +298,16 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device, batch: t
     }
     if name == args.breakdown:
         timer = PartTimer(device)
-        hooks = timer.watch(case.criterion.matcher, "matcher")
+        hooks = timer.watch(case.setup.criterion.matcher, "matcher")
         for _ in range(args.steps):
             timer.start()
-            train_step(case, images, targets, amp, timer.lap)
+            train_step(case.setup, images, targets, 0, timer.lap)
         result["breakdown_ms"] = timer.means_ms()
         for hook in hooks:
             hook.remove()
         if args.profile:
             result["profile"] = profile_steps(step, min(args.steps, 3), device)
     return result
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    cpuinfo = Path("/proc/cpuinfo")
-    match = re.search(r"^model name\s*: (.+)$", cpuinfo.read_text(), re.MULTILINE) if cpuinfo.exists() else None
-    return f"{match.group(1) if match else platform.machine()} ({torch.get_num_threads()} threads)"
 
 
 def format_table(results: dict[str, dict], memory_label: str) -> str:

@@ -1,7 +1,8 @@
 """Typed training configuration: frozen dataclasses, one strict loader for YAML files and ``--set key.sub=value``.
 
 Precedence: dataclass defaults < YAML < ``--set``. An unknown key is an error naming the closest valid key; a value of
-the wrong type is an error naming the key and the expected type. YAML holds values only; structure lives in Python.
+the wrong type or outside its range is an error naming the key. YAML holds values only; structure lives in Python.
+No torch here: ``train_progressive.py --help`` and ``--print-config`` read this module only.
 """
 
 import dataclasses
@@ -13,10 +14,14 @@ from pathlib import Path
 
 import yaml
 
-PART_NAMES = ("backbone", "encoder", "decoder", "class_heads", "box_heads", "fusion")
+from deim_lib.errors import UserError
+from multimodal.phase_table import PART_NAMES, PHASES, PhaseRule
+
+# Kept in sync with deim_lib.variants.VARIANTS by a test; listed here so that validation needs no torch.
+VARIANT_NAMES = ("atto", "femto", "pico", "n", "s", "m", "l", "x", "hgnetv2_s", "hgnetv2_m", "hgnetv2_l", "hgnetv2_x")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration problem; the message names the file or key and the fix."""
 
 
@@ -47,8 +52,11 @@ class DataConfig:
 
 @dataclass(frozen=True)
 class TextEncoderConfig:
+    backend: str = "open_clip"  # "open_clip" (CLIP text towers) or "huggingface" (a local transformers text model)
+    # open_clip: a model name (ViT-B-32, …). huggingface: a model directory (config.json, tokenizer, weights), or
+    # "package:NAME/SUBDIR" for a directory inside an installed Python package.
     model: str = "ViT-B-32"
-    pretrained: str | None = "openai"  # an open_clip tag, a local weights file, or null for random weights
+    pretrained: str | None = "openai"  # open_clip only: a tag, a local weights file, or null for random weights
     templates: list[str] = field(default_factory=lambda: ["{}"])
     precomputed: str | None = None  # a [K, D] .npy/.pt file of class embeddings used instead of the text model
     cache_dir: str | None = None  # None: <output_dir>/text_cache
@@ -60,21 +68,31 @@ class FusionConfig:
     text_aware_classification: bool = False
 
 
+def _phase_defaults(rule: PhaseRule):
+    return lambda: PhaseConfig(
+        trainable=list(rule.trainable),
+        lr=rule.lr,
+        weight_decay=rule.weight_decay,
+        epochs=rule.epochs,
+        augmentation=rule.augmentation,
+    )
+
+
 @dataclass(frozen=True)
 class PhaseConfig:
     trainable: list[str] = field(default_factory=list)
-    lr: float | None = 2e-4  # None: the variant's DEIMv2 base LR (phase 0's default)
+    lr: float | None = 2e-4  # None: the variant's DEIMv2 base LR; 0: no weight update (a control run)
     epochs: int = 12
     warmup_iters: int = 100
     scheduler: str = "cosine"  # "cosine" or "flatcosine"
     flat_fraction: float = 0.5  # flatcosine: fraction of the iterations kept at the base lr
     min_lr_ratio: float = 0.05
-    weight_decay: float = 1e-4
+    weight_decay: float | None = 1e-4  # None: the variant's DEIMv2 weight decay
     augmentation: str = "finetune"  # "finetune" or "deimv2"
     ema: bool = True
     ema_decay: float = 0.9999
     ema_warmups: int = 1000
-    grad_clip: float = 0.1
+    grad_clip: float = 0.1  # 0: no clipping
     amp: bool = True  # bf16 autocast on CUDA; always float32 on CPU
     checkpoint_every_steps: int = 0  # 0: only at epoch ends
 
@@ -83,8 +101,11 @@ class PhaseConfig:
 class MonitorConfig:
     max_ap_drop: float = 0.05  # largest tolerated AP drop below the base detector
     on_drop: str = "warn"  # "warn" or "stop" (stop ends the phase; the best checkpoint is kept)
-    max_nonfinite_steps: int = 20  # this many non-finite losses in a row stop the run
+    max_nonfinite_steps: int = 20  # this many non-finite steps in a row stop the run
     best_metric: str = "AP"  # "AP" or "AP50": what phaseN_best.pth maximises
+    # When evaluation repeats itself with permuted and with averaged class embeddings: "every" epoch, the "last" epoch
+    # of each phase, or "never". Each repeat costs one more evaluation pass.
+    text_reliance: str = "last"
 
 
 @dataclass(frozen=True)
@@ -93,14 +114,10 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     text_encoder: TextEncoderConfig = field(default_factory=TextEncoderConfig)
     fusion: FusionConfig = field(default_factory=FusionConfig)
-    phase0: PhaseConfig = field(
-        default_factory=lambda: PhaseConfig(
-            trainable=["backbone", "encoder", "decoder"], lr=None, epochs=72, augmentation="deimv2"
-        )
-    )
-    phase1: PhaseConfig = field(default_factory=lambda: PhaseConfig(trainable=["fusion"], lr=2e-4))
-    phase2: PhaseConfig = field(default_factory=lambda: PhaseConfig(trainable=["fusion", "class_heads"], lr=5e-5))
-    phase3: PhaseConfig = field(default_factory=lambda: PhaseConfig(trainable=["fusion", "decoder"], lr=2e-5))
+    phase0: PhaseConfig = field(default_factory=_phase_defaults(PHASES[0]))
+    phase1: PhaseConfig = field(default_factory=_phase_defaults(PHASES[1]))
+    phase2: PhaseConfig = field(default_factory=_phase_defaults(PHASES[2]))
+    phase3: PhaseConfig = field(default_factory=_phase_defaults(PHASES[3]))
     allow_backbone_training: bool = False  # phases 1–3 refuse to train the backbone unless this is true
     compile_frozen: bool = False  # torch.compile the frozen backbone and encoder (a one-off compile per input shape)
     monitor: MonitorConfig = field(default_factory=MonitorConfig)
@@ -129,7 +146,7 @@ def _convert(value, annotation, key: str):
         raise errors[0]
     if origin is list:
         if not isinstance(value, list):
-            raise ConfigError(f"{key}: expected a list, got {value!r}")
+            raise ConfigError(f"{key}: expected a list such as [a, b], got {value!r}")
         (item_type,) = typing.get_args(annotation)
         return [_convert(item, item_type, f"{key}[{i}]") for i, item in enumerate(value)]
     if origin is dict:
@@ -174,7 +191,7 @@ def _assign(values: dict, assignment: str) -> dict:
     whatever was at ``a.b``, so ``--set data.classes={}`` empties the mapping instead of merging into it."""
     key, sep, text = assignment.partition("=")
     if not sep or not key.strip():
-        raise ConfigError(f"--set {assignment!r}: expected key.sub=value")
+        raise ConfigError(f"--set {assignment!r}: expected key.sub=value, e.g. phase1.epochs=3")
     *parents, leaf = key.strip().split(".")
     values = dict(values)
     node = values
@@ -182,7 +199,10 @@ def _assign(values: dict, assignment: str) -> dict:
         child = node.get(part)
         node[part] = dict(child) if isinstance(child, dict) else {}
         node = node[part]
-    node[leaf] = yaml.safe_load(text) if text.strip() else ""
+    try:
+        node[leaf] = yaml.safe_load(text) if text.strip() else ""
+    except yaml.YAMLError as error:
+        raise ConfigError(f"--set {assignment!r}: the value is not valid YAML ({str(error).splitlines()[0]})") from None
     return values
 
 
@@ -202,43 +222,134 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     for assignment in overrides:
         values = _assign(values, assignment)
     try:
-        config = _build(TrainConfig, values)
+        return config_from_values(values)
     except ConfigError as error:
         raise ConfigError(f"{path}: {error}" if path is not None else str(error)) from None
+
+
+def config_from_values(values: dict) -> TrainConfig:
+    """The validated configuration of a mapping of sections (as YAML reads it, or ``config_to_dict`` wrote it)."""
+    config = _build(TrainConfig, values)
     validate(config)
     return config
 
 
+def _one_of(key: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(map(repr, choices))}")
+
+
+def _at_least(key: str, value, lowest, what: str = "") -> None:
+    if value < lowest:
+        raise ConfigError(f"{key}: {value} must be at least {lowest}{what}")
+
+
+def _validate_phase(config: TrainConfig, rule: PhaseRule) -> None:
+    index, phase = rule.index, config.phase(rule.index)
+    name = f"phase{index}"
+    if not phase.trainable:
+        raise ConfigError(f"{name}.trainable is empty; name the parts to train, e.g. [{', '.join(rule.trainable)}]")
+    for part in phase.trainable:
+        if part not in PART_NAMES:
+            raise ConfigError(f"{name}.trainable: unknown part {part!r}; choose from {', '.join(PART_NAMES)}")
+    if "fusion" in phase.trainable and not rule.uses_text:
+        raise ConfigError(f"{name}.trainable: phase {index} trains the detector without text; remove 'fusion'")
+    if rule.uses_text and "backbone" in phase.trainable and not config.allow_backbone_training:
+        raise ConfigError(
+            f"{name}.trainable includes 'backbone', the stability anchor of progressive fine-tuning; "
+            "remove it, or set allow_backbone_training: true to train it deliberately"
+        )
+    _one_of(f"{name}.scheduler", phase.scheduler, ("cosine", "flatcosine"))
+    _one_of(f"{name}.augmentation", phase.augmentation, ("finetune", "deimv2"))
+    if phase.lr is not None:
+        _at_least(f"{name}.lr", phase.lr, 0, " (0 runs the phase without weight updates)")
+    if phase.weight_decay is not None:
+        _at_least(f"{name}.weight_decay", phase.weight_decay, 0)
+    _at_least(f"{name}.epochs", phase.epochs, 1)
+    for key in ("warmup_iters", "checkpoint_every_steps", "grad_clip"):
+        _at_least(f"{name}.{key}", getattr(phase, key), 0)
+    _at_least(f"{name}.ema_warmups", phase.ema_warmups, 1)
+    for key in ("flat_fraction", "min_lr_ratio"):
+        if not 0 <= getattr(phase, key) <= 1:
+            raise ConfigError(f"{name}.{key}: {getattr(phase, key)} must lie in [0, 1]")
+    if not 0 < phase.ema_decay < 1:
+        raise ConfigError(f"{name}.ema_decay: {phase.ema_decay} must lie strictly between 0 and 1 (e.g. 0.9999)")
+
+
 def validate(config: TrainConfig) -> None:
-    """Checks that span several fields; each failure names the key and the fix."""
-    for index in range(4):
-        phase = config.phase(index)
-        for part in phase.trainable:
-            if part not in PART_NAMES:
-                raise ConfigError(f"phase{index}.trainable: unknown part {part!r}; choose from {', '.join(PART_NAMES)}")
-        if phase.scheduler not in ("cosine", "flatcosine"):
-            raise ConfigError(f"phase{index}.scheduler: {phase.scheduler!r} is not 'cosine' or 'flatcosine'")
-        if phase.augmentation not in ("finetune", "deimv2"):
-            raise ConfigError(f"phase{index}.augmentation: {phase.augmentation!r} is not 'finetune' or 'deimv2'")
-        if (phase.lr is not None and phase.lr <= 0) or phase.epochs < 1:
-            raise ConfigError(f"phase{index}: lr must be > 0 and epochs ≥ 1 (got lr {phase.lr}, epochs {phase.epochs})")
-        if index > 0 and "backbone" in phase.trainable and not config.allow_backbone_training:
+    """Ranges and checks that span several fields; each failure names the key and the fix."""
+    for rule in PHASES:
+        _validate_phase(config, rule)
+    model, data, monitor, text = config.model, config.data, config.monitor, config.text_encoder
+    _one_of("model.variant", model.variant, VARIANT_NAMES)
+    if model.image_size is not None and (model.image_size < 32 or model.image_size % 32):
+        raise ConfigError(f"model.image_size: {model.image_size} must be a positive multiple of 32")
+    _one_of("monitor.best_metric", monitor.best_metric, ("AP", "AP50"))
+    _one_of("monitor.on_drop", monitor.on_drop, ("warn", "stop"))
+    _one_of("monitor.text_reliance", monitor.text_reliance, ("every", "last", "never"))
+    _at_least("monitor.max_nonfinite_steps", monitor.max_nonfinite_steps, 1)
+    _one_of("text_encoder.backend", text.backend, ("open_clip", "huggingface"))
+    _at_least("fusion.num_heads", config.fusion.num_heads, 1)
+    for key in ("batch_size", "val_batch_size"):
+        _at_least(f"data.{key}", getattr(data, key), 1)
+    _at_least("data.num_workers", data.num_workers, 0)
+    if len(data.synthetic_images) != 2 or min(data.synthetic_images) < 1:
+        raise ConfigError(f"data.synthetic_images: {data.synthetic_images} must be [train images, val images] ≥ 1")
+    if not data.synthetic_dir:
+        unset = [
+            key
+            for key in ("train_images", "train_annotations", "val_images", "val_annotations")
+            if not getattr(data, key)
+        ]
+        if unset:
             raise ConfigError(
-                f"phase{index}.trainable includes 'backbone', the stability anchor of progressive fine-tuning; "
-                "remove it, or set allow_backbone_training: true to train it deliberately"
+                f"data.{unset[0]} is not set: give data.train_images, data.train_annotations, data.val_images and "
+                "data.val_annotations (or data.synthetic_dir for the generated demo data)"
             )
-    if "fusion" in config.phase0.trainable:
-        raise ConfigError("phase0.trainable: phase 0 trains the detector without text; remove 'fusion'")
-    if config.monitor.best_metric not in ("AP", "AP50"):
-        raise ConfigError(f"monitor.best_metric: {config.monitor.best_metric!r} is not 'AP' or 'AP50'")
-    if config.monitor.on_drop not in ("warn", "stop"):
-        raise ConfigError(f"monitor.on_drop: {config.monitor.on_drop!r} is not 'warn' or 'stop'")
-    if config.model.image_size is not None and config.model.image_size % 32:
-        raise ConfigError(f"model.image_size: {config.model.image_size} must be a multiple of 32")
-    if config.data.batch_size < 1 or config.data.val_batch_size < 1:
-        raise ConfigError("data.batch_size and data.val_batch_size must be at least 1")
 
 
 def config_to_dict(config: TrainConfig) -> dict:
     """Plain data (dicts, lists, numbers, strings) for checkpoints loaded with ``weights_only=True``."""
     return dataclasses.asdict(config)
+
+
+def config_to_yaml(config: TrainConfig) -> str:
+    """Every key with its value, as YAML that ``load_config`` reads back to the same configuration."""
+    return yaml.safe_dump(config_to_dict(config), sort_keys=False, allow_unicode=True, width=120)
+
+
+def changed_values(config: TrainConfig) -> str:
+    """``key=value`` for every key that differs from its default, comma-separated."""
+    defaults, values = _flatten(config_to_dict(TrainConfig())), _flatten(config_to_dict(config))
+    return ", ".join(f"{key}={value}" for key, value in values.items() if defaults.get(key) != value) or "none"
+
+
+# Keys that only steer a run (how long, how often, how it reports) may change when a phase is resumed; any other
+# difference in the resumed phase's section or the model, data, text or fusion sections changes what is trained.
+_STEERING_PHASE_KEYS = ("epochs", "checkpoint_every_steps")
+_STEERING_KEYS = ("data.num_workers", "data.val_batch_size", "text_encoder.cache_dir")
+_STEERING_SECTIONS = ("monitor", "compile_frozen")
+
+
+def _flatten(values: dict, prefix: str = "") -> dict[str, object]:
+    flat = {}
+    for key, value in values.items():
+        if isinstance(value, dict) and key != "classes":
+            flat |= _flatten(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+def resume_conflicts(saved: dict, config: TrainConfig, phase: int) -> list[str]:
+    """``"key: saved → now"`` for every key whose change would make a resumed ``phase`` another phase."""
+    other_phases = tuple(f"phase{rule.index}." for rule in PHASES if rule.index != phase)
+    steering = {f"phase{phase}.{key}" for key in _STEERING_PHASE_KEYS} | set(_STEERING_KEYS)
+    before, now = _flatten(saved), _flatten(config_to_dict(config))
+    conflicts = []
+    for key in sorted(set(before) | set(now)):
+        if key in steering or key.startswith(other_phases) or key.split(".")[0] in _STEERING_SECTIONS:
+            continue
+        if before.get(key) != now.get(key):
+            conflicts.append(f"{key}: {before.get(key)!r} → {now.get(key)!r}")
+    return conflicts

@@ -10,8 +10,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from deim_lib.errors import UserError
 
-class DeviceError(RuntimeError):
+
+class DeviceError(UserError):
     """The requested device is not available; the message says what to pass instead."""
 
 
@@ -52,6 +54,22 @@ def cleanup_distributed() -> None:
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module inside a DistributedDataParallel wrapper (the model itself without one)."""
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+
+
+def wrap_distributed(model: nn.Module, device: torch.device, world_size: int, find_unused: bool) -> nn.Module:
+    """DDP around the model after freezing, per phase: it registers gradient hooks for what is trainable now.
+
+    ``find_unused``: some trainable parameters may get no gradient in a step (training the decoder, a batch without
+    boxes leaves the denoising embedding unused).
+    """
+    if world_size == 1:
+        return model
+    device_ids = [device.index] if device.type == "cuda" else None
+    return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
+
+
+def is_main_process() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def barrier() -> None:

@@ -8,6 +8,7 @@ whatever the worker count — and the loader never draws from the global RNG tha
 
 import random
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -101,54 +102,87 @@ def normalization(variant: Variant) -> tuple[tuple, tuple] | None:
     return (IMAGENET_MEAN, IMAGENET_STD) if variant.imagenet_normalize else None
 
 
-def build_datasets(
-    data: DataConfig, variant: Variant, image_size: int, augmentation: str
-) -> tuple[CocoDetection, CocoDetection]:
-    """Train and validation datasets; the configured class names must equal the dataset's categories."""
+def _dataset(data: DataConfig, split: str, transforms, warn) -> CocoDetection:
+    """The ``split`` ("train" or "val") dataset; its problems are errors naming the config key."""
     paths = data_paths(data)
-    class_names = list(data.classes) or None
-    recipe = augmentation_recipe(variant.name)
-    train_transforms = build_train_transforms(augmentation, image_size, normalization(variant), recipe)
-    val_transforms = build_val_transforms(image_size, normalization(variant))
-    train = CocoDetection(paths["train_images"], paths["train_annotations"], train_transforms, class_names)
-    val = CocoDetection(paths["val_images"], paths["val_annotations"], val_transforms, class_names)
-    for name, dataset in (("training", train), ("validation", val)):
-        if len(dataset) == 0:
-            raise DatasetError(f"{dataset.annotation_file}: the {name} set has no images; point data.* at real data")
-    return train, val
-
-
-def build_train_loader(
-    dataset: CocoDetection,
-    data: DataConfig,
-    variant: Variant,
-    image_size: int,
-    augmentation: str,
-    seed: int,
-    epoch: int,
-    rank: int = 0,
-    world_size: int = 1,
-) -> tuple[DataLoader, EpochBatchSampler]:
-    """One epoch's loader (re-made each epoch so the collate and the workers see that epoch)."""
-    batch_size = data.batch_size // world_size
-    if len(dataset) // world_size < batch_size:
-        raise DatasetError(
-            f"{dataset.annotation_file}: {len(dataset)} training images cannot fill one batch of {batch_size} per "
-            f"process; lower data.batch_size"
+    key = f"data.{split}_annotations" if not data.synthetic_dir else "data.synthetic_dir"
+    try:
+        dataset = CocoDetection(
+            paths[f"{split}_images"], paths[f"{split}_annotations"], transforms, list(data.classes) or None
         )
-    sampler = EpochBatchSampler(len(dataset), batch_size, seed, epoch, rank, world_size)
-    recipe = augmentation_recipe(variant.name) if augmentation == "deimv2" else None
-    collate = BatchImageCollate(recipe, base_size=image_size)
-    collate.set_epoch(epoch)
-    loader = DataLoader(
-        SeededSamples(dataset, seed),
-        batch_sampler=sampler,
-        num_workers=data.num_workers,
-        collate_fn=collate,
-        generator=torch.Generator().manual_seed(seed + epoch),  # worker seeds must not consume the global RNG
-        persistent_workers=False,
+    except DatasetError as error:
+        raise DatasetError(f"{key}: {error}") from None
+    name = "training" if split == "train" else "validation"
+    if len(dataset) == 0:
+        raise DatasetError(f"{key}: {dataset.annotation_file} lists no images: the {name} set is empty")
+    if not dataset.coco.getAnnIds():
+        if split == "val":
+            raise DatasetError(
+                f"{key}: {dataset.annotation_file} has no boxes, so AP is undefined; validate on annotated images"
+            )
+        warn(f"warning: {key}: {dataset.annotation_file} has no boxes; every training image is background")
+    return dataset
+
+
+def build_train_dataset(
+    data: DataConfig, variant: Variant, image_size: int, augmentation: str, warn=print
+) -> CocoDetection:
+    """The training set with the ``augmentation`` preset; the configured class names must equal its categories."""
+    transforms = build_train_transforms(
+        augmentation, image_size, normalization(variant), augmentation_recipe(variant.name)
     )
-    return loader, sampler
+    return _dataset(data, "train", transforms, warn)
+
+
+def build_val_dataset(data: DataConfig, variant: Variant, image_size: int) -> CocoDetection:
+    """The validation set, preprocessed as DEIMv2 evaluates: its categories fix the class list and ids."""
+    return _dataset(data, "val", build_val_transforms(image_size, normalization(variant)), print)
+
+
+@dataclass
+class TrainingData:
+    """A phase's training set and how its epochs are loaded: this rank's share of ``data.batch_size``, batches that
+    are a pure function of (seed, epoch, position)."""
+
+    dataset: CocoDetection
+    data: DataConfig
+    variant: Variant
+    image_size: int
+    augmentation: str
+    seed: int
+    rank: int = 0
+    world_size: int = 1
+
+    def __post_init__(self) -> None:
+        per_process = self.data.batch_size // self.world_size
+        if len(self.dataset) // self.world_size < per_process:
+            raise DatasetError(
+                f"data.batch_size: {len(self.dataset)} training images cannot fill one batch of {per_process} per "
+                f"process ({self.dataset.annotation_file}); lower data.batch_size"
+            )
+
+    @property
+    def batches_per_epoch(self) -> int:
+        return len(self.dataset) // self.world_size // (self.data.batch_size // self.world_size)
+
+    def loader(self, epoch: int, start_batch: int = 0) -> DataLoader:
+        """Epoch ``epoch``'s loader from batch ``start_batch`` on (re-made each epoch so the collate and the workers
+        see that epoch)."""
+        sampler = EpochBatchSampler(
+            len(self.dataset), self.data.batch_size // self.world_size, self.seed, epoch, self.rank, self.world_size
+        )
+        sampler.start = start_batch
+        recipe = augmentation_recipe(self.variant.name) if self.augmentation == "deimv2" else None
+        collate = BatchImageCollate(recipe, base_size=self.image_size)
+        collate.set_epoch(epoch)
+        return DataLoader(
+            SeededSamples(self.dataset, self.seed),
+            batch_sampler=sampler,
+            num_workers=self.data.num_workers,
+            collate_fn=collate,
+            generator=torch.Generator().manual_seed(self.seed + epoch),  # worker seeds must not consume the global RNG
+            persistent_workers=False,
+        )
 
 
 def build_val_loader(

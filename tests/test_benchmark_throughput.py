@@ -6,8 +6,8 @@ import pytest
 import torch
 from torch import nn
 
-from benchmarks.throughput import CASES, main, parse_args, profile_steps, synthetic_batch
-from deim_lib import build_detector
+from benchmarks.throughput import CASES, build_case, main, parse_args, profile_steps, synthetic_batch
+from deim_lib import build_detector, get_variant
 from multimodal.model import attach_text
 from multimodal.phases import constant_parameters
 
@@ -56,6 +56,28 @@ def test_record_holds_every_case_and_phase1_trains_exactly_the_fusion_parameters
     breakdown = results["phase1"]["breakdown_ms"]
     assert set(breakdown) == {"forward", "criterion", "matcher", "backward", "optimizer"}
     assert 0 < breakdown["matcher"] <= breakdown["criterion"]
+
+
+def test_the_benchmark_times_the_training_step_of_train_progressive():
+    """One setup and one step: the benchmark imports them from multimodal.training, as the training script does."""
+    import train_progressive
+    from benchmarks import throughput
+    from multimodal import training
+
+    assert throughput.train_step is training.train_step is train_progressive.train_step
+    assert throughput.setup_phase is training.setup_phase is train_progressive.setup_phase
+
+
+@pytest.mark.parametrize("variant", ["atto", "l"])
+def test_phase_0_takes_the_variants_lr_and_weight_decay(variant):
+    args = parse_args(["--variant", variant, "--image-size", "320" if variant == "atto" else "640", "--device", "cpu"])
+    case = build_case("full", args, torch.device("cpu"))
+    spec = get_variant(variant)
+    groups = {group["name"]: group for group in case.setup.optimizer.param_groups}
+    assert (
+        groups["decoder_decay"]["weight_decay"] == spec.weight_decay and groups["decoder_decay"]["lr"] == spec.base_lr
+    )
+    assert groups["backbone_decay"]["lr"] == spec.backbone_lr and groups["decoder_no_decay"]["weight_decay"] == 0.0
 
 
 def test_synthetic_targets_are_normalised_cxcywh_boxes_inside_the_image():

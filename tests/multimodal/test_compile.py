@@ -14,13 +14,13 @@ NUM_CLASSES = 5
 
 
 def phase1_model() -> torch.nn.Module:
-    """An atto text-fusion model frozen for phase 1, with open gates so the fusion shapes every output."""
+    """An atto text-fusion model frozen for phase 1, with an open fusion so that it shapes every output."""
     torch.manual_seed(0)
     detector = build_detector("atto", NUM_CLASSES, eval_size=(IMAGE_SIZE, IMAGE_SIZE))
     model = attach_text(detector, F.normalize(torch.randn(NUM_CLASSES, 32), dim=-1))
     with torch.no_grad():
         for level in model.fusion.levels:
-            level.alpha.fill_(0.5)
+            level.output.weight.normal_(0.0, 0.5)
     policy = apply_phase(model, model.parts(), ["fusion"], constant_parameters(model))
     policy.set_train_mode(model, (detector.decoder, detector.decoder.decoder))
     return model

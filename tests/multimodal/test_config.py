@@ -1,0 +1,90 @@
+"""The typed config: phase-table defaults, strict keys and ranges, YAML round trip, what a resume may change."""
+
+import pytest
+import yaml
+
+from deim_lib.variants import VARIANTS
+from multimodal.config import (
+    VARIANT_NAMES,
+    ConfigError,
+    TrainConfig,
+    changed_values,
+    config_from_values,
+    config_to_dict,
+    config_to_yaml,
+    load_config,
+    resume_conflicts,
+)
+from multimodal.phase_table import PHASES
+
+DATA = [f"data.{key}=x" for key in ("train_images", "train_annotations", "val_images", "val_annotations")]
+
+
+def test_phase_defaults_come_from_the_phase_table():
+    config = TrainConfig()
+    for rule in PHASES:
+        phase = config.phase(rule.index)
+        assert (tuple(phase.trainable), phase.lr, phase.weight_decay) == (rule.trainable, rule.lr, rule.weight_decay)
+        assert (phase.augmentation, phase.epochs) == (rule.augmentation, rule.epochs)
+
+
+def test_the_variant_list_matches_the_library():
+    assert tuple(VARIANTS) == VARIANT_NAMES
+
+
+def test_printed_yaml_loads_back_to_the_same_config(tmp_path):
+    config = load_config(None, [*DATA, "phase1.epochs=3", "phase2.trainable=[fusion, class_heads, box_heads]"])
+    path = tmp_path / "printed.yaml"
+    path.write_text(config_to_yaml(config))
+    assert load_config(path) == config
+    assert config_from_values(config_to_dict(config)) == config
+    assert "phase1.epochs=3" in changed_values(config) and "phase3" not in changed_values(config)
+
+
+@pytest.mark.parametrize(
+    ("assignment", "message"),
+    [
+        ("phase1.lr=-1", "phase1.lr: -1.0 must be at least 0"),
+        ("phase1.ema_decay=1.0", "strictly between 0 and 1"),
+        ("phase2.flat_fraction=2", "phase2.flat_fraction: 2.0 must lie in [0, 1]"),
+        ("monitor.text_reliance=sometimes", "monitor.text_reliance: 'sometimes' is not one of"),
+        ("text_encoder.backend=tf", "text_encoder.backend: 'tf' is not one of 'open_clip', 'huggingface'"),
+        ("phase0.trainable=[fusion]", "phase 0 trains the detector without text"),
+        ("model.image_size=100", "multiple of 32"),
+        ("phase1.trainable=fusion", "phase1.trainable: expected a list such as [a, b]"),
+        ("phase1.lr=[", "--set 'phase1.lr=[': the value is not valid YAML"),
+    ],
+)
+def test_out_of_range_values_name_the_key(assignment, message):
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("(", r"\(")):
+        load_config(None, [*DATA, assignment])
+
+
+def test_a_resume_may_change_what_steers_the_run_but_not_what_it_trains():
+    saved = config_to_dict(load_config(None, DATA))
+    steering = load_config(
+        None,
+        [
+            *DATA,
+            "phase1.epochs=30",
+            "monitor.max_nonfinite_steps=50",
+            "data.num_workers=0",
+            "compile_frozen=true",
+            "phase2.lr=0.1",
+            "text_encoder.cache_dir=/tmp/x",
+        ],
+    )
+    assert resume_conflicts(saved, steering, phase=1) == []
+    changed = load_config(None, [*DATA, "phase1.lr=0.001", "data.batch_size=2", "data.classes={a: [b]}"])
+    conflicts = resume_conflicts(saved, changed, phase=1)
+    assert [c.split(":")[0] for c in conflicts] == ["data.batch_size", "data.classes", "phase1.lr"]
+    assert "phase2.lr" in resume_conflicts(saved, steering, phase=2)[0]
+
+
+def test_yaml_numbers_in_any_spelling_are_floats(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        yaml.safe_dump({"phase1": {"lr": "2e-4"}}) + "data: {train_images: a, train_annotations: b, "
+        "val_images: c, val_annotations: d}\n"
+    )
+    assert load_config(path).phase1.lr == 2e-4

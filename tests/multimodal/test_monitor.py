@@ -1,0 +1,74 @@
+"""The forgetting monitor: one base per directory, records of the current run only, torn lines, the text verdict."""
+
+import json
+
+import pytest
+import torch
+
+from multimodal.monitor import ForgettingMonitor, MonitorError, state_fingerprint
+
+PER_CLASS = {"a": {"AP": 0.5, "AP50": 0.7}}
+
+
+def metrics(ap: float, reliance: dict | None = None) -> dict:
+    text = {"added_signal": [0.01, 0.02]} | ({"reliance": reliance} if reliance else {})
+    return {"AP": ap, "AP50": ap + 0.2, "per_class": {"a": {"AP": ap, "AP50": ap + 0.2}}, "text": text}
+
+
+def monitor_with_base(directory, state, lineage=("r1",)) -> ForgettingMonitor:
+    monitor = ForgettingMonitor(directory, max_ap_drop=0.05)
+    monitor.lineage = list(lineage)
+    monitor.adopt_baseline(None, lambda: state, "val-A", lambda: metrics(0.5), phase=1)
+    return monitor
+
+
+def test_fingerprints_tell_bit_different_weights_apart():
+    state = {"w": torch.ones(3), "n": torch.tensor(2)}
+    assert state_fingerprint(state) == state_fingerprint({k: v.clone() for k, v in state.items()})
+    assert state_fingerprint(state) != state_fingerprint(
+        {"w": torch.ones(3).nextafter(torch.tensor(2.0)), "n": state["n"]}
+    )
+
+
+def test_a_directory_belongs_to_one_base_and_one_validation_set(tmp_path):
+    state = {"w": torch.ones(3)}
+    monitor = monitor_with_base(tmp_path, state)
+    assert json.loads((tmp_path / "baseline.json").read_text())["AP"] == 0.5
+    again = ForgettingMonitor(tmp_path, 0.05)
+    measured = []
+    assert again.adopt_baseline(None, lambda: state, "val-A", lambda: measured.append(1), phase=1).AP == 0.5
+    assert measured == []  # the same base again: read back, not measured again
+    with pytest.raises(MonitorError, match="holds the run of another base detector"):
+        again.adopt_baseline(None, lambda: {"w": torch.zeros(3)}, "val-A", lambda: metrics(0.4), phase=1)
+    with pytest.raises(MonitorError, match="another validation set"):
+        again.adopt_baseline(None, lambda: state, "val-B", lambda: metrics(0.4), phase=1)
+    carried = monitor.baseline.to_dict()
+    with pytest.raises(MonitorError, match=r"data\.val_annotations"):
+        again.adopt_baseline(carried, lambda: state, "val-B", lambda: metrics(0.4), phase=2)
+
+
+def test_reports_show_the_current_run_and_skip_a_torn_line(tmp_path, capsys):
+    monitor = monitor_with_base(tmp_path, {"w": torch.ones(3)}, lineage=["old"])
+    monitor.record(1, 1, metrics(0.45), {"loss": 1.0})
+    with monitor.log_path.open("a") as log:
+        log.write('{"run_id": "old", "pha')  # killed mid-write
+    monitor.lineage = ["new"]
+    record = monitor.record(1, 1, metrics(0.52, {"permuted": 0.0, "mean": 0.01}), {"loss": 1.0})
+    assert record["delta_AP"] == pytest.approx(0.02) and not monitor.exceeded(record)
+    assert [r["run_id"] for r in monitor.records()] == ["new"]
+    assert "metrics.jsonl:2: unreadable record" in capsys.readouterr().err
+    monitor.write_report()
+    report = (tmp_path / "report.md").read_text()
+    assert "Run new" in report and "| 1 | 1 | 0.5200 |" in report and "0.4500" not in report
+    assert "Added signal:" in report and "The text was used" in report
+    assert (tmp_path / "curves.png").stat().st_size > 1000
+
+
+def test_the_verdict_says_plainly_whether_the_text_was_used(tmp_path):
+    monitor = monitor_with_base(tmp_path, {"w": torch.ones(3)})
+    assert "not measured" in monitor.text_verdict()
+    monitor.record(1, 1, metrics(0.5, {"permuted": 0.0, "mean": 0.0}), {})
+    assert monitor.text_verdict().startswith("The text was not used (phase 1, epoch 1)")
+    monitor.record(1, 2, metrics(0.5, {"permuted": -0.002, "mean": 0.004}), {})
+    verdict = monitor.text_verdict()
+    assert verdict.startswith("The text was used (phase 1, epoch 2)") and "+0.0040" in verdict and "-0.0020" in verdict
