@@ -1,42 +1,64 @@
 """Text → image fusion between the DEIMv2 encoder and decoder, and a text-aware score term for the decoder.
 
-Both modules start as exact no-ops: the fused features are added through ``tanh(alpha)`` with ``alpha = 0`` and the
-classifier's output is multiplied by a scale that starts at 0. A wrapped, converged detector therefore produces its
-own detections at step 0, and training moves away from them only as far as the loss asks.
+Both start as exact no-ops and can open at the optimiser's pace (``docs/fusion_design.md`` has the measurements):
+
+- ``LevelFusion``: every visual token cross-attends to the K class tokens and adds the result. The values are centred
+  over the classes, so attention that does not tell the classes apart adds nothing (text that is the same for every
+  class cannot shift the features); the output projection starts at zero, so the first AdamW step already moves a
+  whole matrix (not one scalar gate, which AdamW moves by about ``lr`` per step). Its output is scaled by 1/√C so that
+  the added signal grows by about ``lr`` relative to a unit input per step, whatever the width.
+- ``TextAwareClassifier``: a bilinear score ⟨W·query, t_k − t̄⟩ / √D per class k with W = 0 at the start, added to
+  every decoder score head.
 """
 
+import math
 from collections.abc import Sequence
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 
-class LevelFusion(nn.Module):
-    """One feature level: every visual token cross-attends to the K class tokens; the result is added through a gate.
+def _centred(text: Tensor) -> Tensor:
+    """Class embeddings minus their mean row: what distinguishes the classes."""
+    return text - text.mean(dim=0, keepdim=True)
 
-    ``forward(feat, text)``: ``feat`` B×C×H×W, ``text`` K×D_t → B×C×H×W (same dtype as the attention output).
+
+class LevelFusion(nn.Module):
+    """One feature level: ``forward(feat, text)`` with ``feat`` B×C×H×W and ``text`` K×D_t → B×C×H×W.
+
+    Returns ``feat + added``; ``added`` is exactly 0 until ``output`` has trained (it starts at zero).
     """
 
     def __init__(self, channels: int, text_dim: int, num_heads: int):
         super().__init__()
         if channels % num_heads:
             raise ValueError(f"feature channels {channels} are not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
         self.text_proj = nn.Linear(text_dim, channels)
         self.text_norm = nn.LayerNorm(channels)
         self.visual_norm = nn.LayerNorm(channels)
-        # nn.MultiheadAttention holds the q/k/v input projections and the output projection.
-        self.cross_attn = nn.MultiheadAttention(channels, num_heads, batch_first=True)
-        self.alpha = nn.Parameter(torch.zeros(()))
+        self.query = nn.Linear(channels, channels)
+        self.key = nn.Linear(channels, channels)
+        self.value = nn.Linear(channels, channels, bias=False)  # no bias: centred inputs give centred values
+        self.output = nn.Linear(channels, channels, bias=False)
+        self.output_scale = 1.0 / math.sqrt(channels)
+        self.to_identity()
+
+    def to_identity(self) -> None:
+        """Zero the output projection: the level then adds exactly nothing (its start, and WiSE-FT's weight 0)."""
+        nn.init.zeros_(self.output.weight)
 
     def forward(self, feat: Tensor, text: Tensor) -> Tensor:
         B, C, H, W = feat.shape
-        tokens = feat.flatten(2).transpose(1, 2)  # (B, H·W, C)
-        classes = self.text_norm(self.text_proj(text)).unsqueeze(0).expand(B, -1, -1)  # (B, K, C)
-        fused, _ = self.cross_attn(self.visual_norm(tokens), classes, classes, need_weights=False)
-        fused = fused.transpose(1, 2).reshape(B, C, H, W)
-        # tanh(0) = 0 exactly, so the output equals ``feat`` bit for bit until alpha moves.
-        return feat + torch.tanh(self.alpha) * fused
+        heads, head_dim = self.num_heads, C // self.num_heads
+        tokens = self.visual_norm(feat.flatten(2).transpose(1, 2))  # (B, H·W, C)
+        classes = self.text_norm(self.text_proj(text.to(tokens.dtype)))  # (K, C)
+        q = self.query(tokens).view(B, -1, heads, head_dim).transpose(1, 2)  # (B, h, H·W, d)
+        k = self.key(classes).view(1, -1, heads, head_dim).transpose(1, 2).expand(B, -1, -1, -1)  # (B, h, K, d)
+        v = self.value(_centred(classes)).view(1, -1, heads, head_dim).transpose(1, 2).expand(B, -1, -1, -1)
+        attended = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, H * W, C)
+        added = (self.output_scale * self.output(attended)).transpose(1, 2).reshape(B, C, H, W)
+        return feat + added.to(feat.dtype)
 
 
 class MultimodalFusionModule(nn.Module):
@@ -55,26 +77,28 @@ class MultimodalFusionModule(nn.Module):
             raise ValueError(f"expected {len(self.levels)} feature levels, got {len(feats)}")
         return [level(feat, text) for level, feat in zip(self.levels, feats, strict=True)]
 
-    def gate_values(self) -> list[float]:
-        """tanh(alpha_l) per level, fine → coarse: how much text each level currently receives."""
-        return [torch.tanh(level.alpha).item() for level in self.levels]
-
 
 class TextAwareClassifier(nn.Module):
-    """A class-score term from decoder queries: scale · cos(projected query, class embedding).
+    """A class-score term from decoder queries: ⟨W·query, t_k − t̄⟩ / √D for every class k, W = 0 at the start.
 
-    ``forward(query_features, text)``: ``query_features`` B×Q×D (decoder layer outputs), ``text`` K×D_t → B×Q×K logits
-    to add to the decoder's score heads. ``scale`` starts at 0, so the term is exactly 0 until trained.
+    ``forward(query_features, text)``: ``query_features`` B×Q×D (decoder layer outputs), ``text`` K×D_t → B×Q×K
+    logits to add to the decoder's score heads. Permuting the text rows permutes the term: it is where the
+    correspondence between a class and its description enters the scores.
     """
 
     def __init__(self, query_dim: int, text_dim: int):
         super().__init__()
-        self.query_proj = nn.Linear(query_dim, text_dim)
-        self.scale = nn.Parameter(torch.zeros(()))
+        self.query_proj = nn.Linear(query_dim, text_dim, bias=False)
+        self.output_scale = 1.0 / math.sqrt(query_dim)
+        self.to_identity()
+
+    def to_identity(self) -> None:
+        """Zero the projection: the score term is then exactly 0."""
+        nn.init.zeros_(self.query_proj.weight)
 
     def forward(self, query_features: Tensor, text: Tensor) -> Tensor:
-        queries = F.normalize(self.query_proj(query_features), dim=-1)
-        return self.scale * queries @ F.normalize(text, dim=-1).to(queries.dtype).T
+        projected = self.query_proj(query_features)
+        return self.output_scale * projected @ _centred(text).to(projected.dtype).T
 
 
 def fusion_cost(
@@ -83,8 +107,8 @@ def fusion_cost(
     """Parameter count and analytic FLOPs per image of ``module`` for ``num_classes`` class tokens.
 
     ``feature_shapes``: (C, H, W) per level, fine → coarse. FLOPs count 2 per multiply-add of the linear layers and the
-    two attention products (text projection, q/k/v/output projections, QKᵀ, AV); layer norms, softmax and the gated add
-    are left out. The text-side terms do not depend on the batch and are counted once, as for a batch of one.
+    two attention products (text projection, q/k/v/output projections, QKᵀ, AV); layer norms, softmax and the add are
+    left out. The text-side terms do not depend on the batch and are counted once, as for a batch of one.
     """
     if len(feature_shapes) != len(module.levels):
         raise ValueError(f"expected {len(module.levels)} feature shapes, got {len(feature_shapes)}")

