@@ -8,7 +8,8 @@ Inputs: ``images`` float32 [N, 3, S, S], already resized to S×S and normalised 
 sorted by score, k = min(300, queries × classes) (300 for every released variant). N is dynamic.
 
 The detector runs in deploy mode (conv+BN folded, unused heads dropped). A multimodal checkpoint's class text
-embeddings are constants of the graph: the exported model needs no text model and no extra input.
+embeddings are constants of the graph (folded into the text-side projections): the exported model needs no
+text model and no extra input.
 """
 
 import argparse
@@ -22,13 +23,20 @@ import onnx
 import torch
 from torch import Tensor, nn
 
-from deim_lib.checkpoint import CheckpointError
+from deim_lib.cli import HelpFormatter, report
+from deim_lib.errors import UserError
 from deim_lib.postprocessor import PostProcessor
 from multimodal.model import MultimodalDetector
 from multimodal.predict import InferenceModel, load_for_inference
 
 INPUT_NAMES = ["images", "orig_target_sizes"]
+# grid_sample (the decoder's deformable attention) entered ONNX in opset 16; the TorchScript exporter stops at 20.
+OPSETS = range(16, 21)
 OUTPUT_NAMES = ["labels", "boxes", "scores"]
+
+
+class ExportError(UserError):
+    """An export option that cannot work; the message says which values can."""
 
 
 class DeployedDetector(nn.Module):
@@ -41,13 +49,8 @@ class DeployedDetector(nn.Module):
     def __init__(self, inference: InferenceModel):
         super().__init__()
         model = inference.model
-        if not isinstance(model, MultimodalDetector):
-            model.deploy()
-        else:
-            model.detector.deploy()
-            # The tracer turns state_dict tensors into named initializers and other tensors into anonymous Constant
-            # nodes (one copy per use); persistent, the class embeddings are stored once as `model.text_embeddings`.
-            model.register_buffer("text_embeddings", model.text_embeddings, persistent=True)
+        # The class embeddings are a constant input of the text side: constant folding precomputes it in the graph.
+        (model.detector if isinstance(model, MultimodalDetector) else model).deploy()
         self.model = model.eval()
         self.postprocessor = PostProcessor(len(inference.class_names)).deploy()
 
@@ -82,6 +85,9 @@ def export_onnx(inference: InferenceModel, output: str | Path, opset: int = 17) 
         warnings.simplefilter("ignore", torch.jit.TracerWarning)
         # Slices with a step (strided feature indexing) stay unfolded, which is correct; the notice is only noise.
         warnings.filterwarnings("ignore", message="Constant folding - Only steps=1", category=UserWarning)
+        # The TorchScript exporter is chosen on purpose (see above): its deprecation notice tells a user nothing.
+        warnings.filterwarnings("ignore", message="You are using the legacy TorchScript", category=DeprecationWarning)
+        warnings.filterwarnings("ignore", message="The feature will be removed", category=DeprecationWarning)
         torch.onnx.export(
             deployed,
             (images, sizes),
@@ -102,10 +108,10 @@ def export_onnx(inference: InferenceModel, output: str | Path, opset: int = 17) 
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     parser.add_argument("--checkpoint", required=True, help="a checkpoint of train_progressive.py or official DEIMv2")
     parser.add_argument("--output", required=True, type=Path, help="the .onnx file to write")
-    parser.add_argument("--opset", type=int, default=17)
+    parser.add_argument("--opset", type=int, default=17, help=f"ONNX opset, {OPSETS.start}–{OPSETS.stop - 1}")
     parser.add_argument("--class-names", help="comma-separated names stored in the metadata (e.g. cat,dog)")
     return parser.parse_args(argv)
 
@@ -113,13 +119,17 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
+        if args.opset not in OPSETS:
+            raise ExportError(
+                f"--opset {args.opset}: choose {OPSETS.start}–{OPSETS.stop - 1} (the decoder needs "
+                "grid_sample, opset 16; the exporter goes up to 20)"
+            )
         class_names = [name.strip() for name in args.class_names.split(",")] if args.class_names else None
         inference = load_for_inference(args.checkpoint, class_names)
         args.output.parent.mkdir(parents=True, exist_ok=True)
         export_onnx(inference, args.output, args.opset)
-    except (CheckpointError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    except UserError as error:
+        return report(error)
     print(
         f"wrote {args.output} ({inference.variant}, {len(inference.class_names)} classes, input {inference.image_size})"
     )

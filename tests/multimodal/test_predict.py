@@ -15,10 +15,13 @@ from PIL import Image
 from torch import nn
 
 from deim_lib.checkpoint import CheckpointError, load_official_checkpoint
+from deim_lib.evaluate import main as evaluate_main
 from deim_lib.model import DEIM, build_detector
 from deim_lib.postprocessor import PostProcessor
 from deim_lib.variants import IMAGENET_MEAN, IMAGENET_STD
+from multimodal.export import main as export_main
 from multimodal.model import MultimodalDetector, attach_text, split_state
+from multimodal.phase_checkpoint import PhaseCheckpoint, PhaseProgress, RunInfo, TrainingState, save_phase_checkpoint
 from multimodal.predict import (
     PALETTE,
     InferenceModel,
@@ -29,10 +32,11 @@ from multimodal.predict import (
     visualization_names,
 )
 from multimodal.text_encoder import TextEmbeddings
-from tests.conftest import REFERENCE_DIR
+from tests.conftest import SHARED_DIR
 
-ATTO_CHECKPOINT = REFERENCE_DIR / "deimv2_atto_c6.pth"
+ATTO_CHECKPOINT = SHARED_DIR / "reference" / "deimv2_atto_c6.pth"  # used only by tests that take `reference_dir`
 CLASS_NAMES = ["crazing", "inclusion", "patches", "pitted", "rolled-in", "scratches"]
+CATEGORY_IDS = [3, 5, 8, 13, 21, 34]  # the dataset's ids, with gaps, as COCO's
 NUM_HEADS = 4  # not the default 8: the loader must take it from the checkpoint's config
 
 
@@ -43,21 +47,22 @@ def text_embeddings(num_classes: int = 6, text_dim: int = 32) -> TextEmbeddings:
 
 
 def trained_multimodal_model() -> MultimodalDetector:
-    """Reference atto weights (realistic activations) + fusion whose gates, classifier and a class head moved."""
+    """Reference atto weights (realistic activations) + a fusion, classifier and class head that moved."""
     torch.manual_seed(0)
     detector = build_detector("atto", len(CLASS_NAMES))
     detector.load_state_dict(load_official_checkpoint(ATTO_CHECKPOINT), strict=True)
     model = attach_text(detector, text_embeddings().embeddings, NUM_HEADS, text_aware_classification=True)
+    generator = torch.Generator().manual_seed(4)
     with torch.no_grad():
-        model.fusion.levels[0].alpha.fill_(0.6)
-        model.fusion.levels[1].alpha.fill_(-0.4)
-        model.text_classifier.scale.fill_(2.0)
+        for level in model.fusion.levels:
+            level.output.weight.copy_(0.3 * torch.randn(level.output.weight.shape, generator=generator))
+        model.text_classifier.query_proj.weight.copy_(torch.randn(model.text_classifier.query_proj.weight.shape))
         model.detector.decoder.dec_score_head[-1].bias.add_(torch.linspace(-0.5, 0.5, len(CLASS_NAMES)))
     return model.eval()
 
 
 def write_training_checkpoint(path: Path, phase: int) -> nn.Module:
-    """A checkpoint laid out as train_progressive.save_checkpoint writes it; returns the model its EMA weights give.
+    """A best checkpoint as train_progressive.py writes it; returns the model its EMA weights give.
 
     ``model`` / ``fusion`` hold the untouched base (identity fusion) so that reading them instead of the EMA shows.
     """
@@ -69,12 +74,21 @@ def write_training_checkpoint(path: Path, phase: int) -> nn.Module:
     model_state, fusion_state = split_state(base.state_dict())
     ema_state, ema_fusion = split_state(trained.state_dict())
     config = {"fusion": {"num_heads": NUM_HEADS, "text_aware_classification": True}, "model": {"variant": "atto"}}
-    checkpoint = {"date": "2026-01-01T00:00:00", "model": model_state, "ema": {"module": ema_state, "updates": 7}}
-    checkpoint |= {"phase": phase, "step": 7, "variant": "atto", "class_names": CLASS_NAMES, "image_size": 320}
-    checkpoint |= {"config": config, "last_epoch": 0}
-    if phase >= 1:
-        checkpoint |= {"fusion": fusion_state, "fusion_ema": ema_fusion, "text_embeddings": text_embeddings().to_dict()}
-    torch.save(checkpoint, path)
+    info = RunInfo("atto", 320, CLASS_NAMES, CATEGORY_IDS, config, seed=0)
+    checkpoint = PhaseCheckpoint(
+        phase=phase,
+        kind="best",
+        info=info,
+        progress=PhaseProgress(TrainingState(epoch=1, step=7), ["run0"]),
+        detector=model_state,
+        fusion=fusion_state,
+        ema_detector=ema_state,
+        ema_fusion=ema_fusion,
+        ema_updates=7,
+        text_embeddings=text_embeddings().to_dict() if phase >= 1 else None,
+        finished=False,
+    )
+    save_phase_checkpoint(path, checkpoint)
     return trained
 
 
@@ -112,7 +126,7 @@ def test_training_checkpoint_loads_ema_fusion_with_config_heads_and_text_constan
     assert not inference.model.training
     assert_same_state(inference.model, checkpoints["models"]["phase2"])  # EMA weights, not the decoy ``model``
     assert inference.model.text_classifier is not None
-    assert inference.model.fusion.levels[0].cross_attn.num_heads == NUM_HEADS
+    assert inference.model.fusion.levels[0].num_heads == NUM_HEADS
     assert torch.equal(inference.model.text_embeddings, text_embeddings().embeddings)
     assert (inference.class_names, inference.image_size, inference.normalize, inference.variant) == (
         CLASS_NAMES,
@@ -120,6 +134,7 @@ def test_training_checkpoint_loads_ema_fusion_with_config_heads_and_text_constan
         None,
         "atto",
     )
+    assert inference.category_ids == CATEGORY_IDS
 
 
 def test_phase0_checkpoint_loads_as_plain_detector(checkpoints):
@@ -130,16 +145,16 @@ def test_phase0_checkpoint_loads_as_plain_detector(checkpoints):
 
 def test_training_checkpoint_with_fusion_but_no_text_embeddings_is_a_checkpoint_error(checkpoints, tmp_path):
     checkpoint = torch.load(checkpoints["paths"]["phase2"], weights_only=True)
-    del checkpoint["text_embeddings"]
+    checkpoint["text_embeddings"] = None
     torch.save(checkpoint, tmp_path / "no_text.pth")
-    with pytest.raises(CheckpointError, match=r"no_text\.pth: has text-fusion weights but no 'text_embeddings'"):
+    with pytest.raises(CheckpointError, match=r"no_text\.pth: has text-fusion weights but no text embeddings"):
         load_for_inference(tmp_path / "no_text.pth")
 
 
 def test_official_checkpoint_loads_ema_weights_with_guessed_variant_and_generic_names(reference_dir):
     inference = load_for_inference(ATTO_CHECKPOINT)
     assert (inference.variant, inference.image_size, inference.normalize) == ("atto", 320, None)
-    assert inference.class_names == [f"class_{k}" for k in range(6)]
+    assert inference.class_names == [f"class_{k}" for k in range(6)] and inference.category_ids is None
     official = load_official_checkpoint(ATTO_CHECKPOINT)
     assert all(torch.equal(inference.model.state_dict()[key], official[key].float()) for key in official)
     assert load_for_inference(ATTO_CHECKPOINT, CLASS_NAMES).class_names == CLASS_NAMES
@@ -174,13 +189,13 @@ def test_predict_writes_coco_results_equal_to_pytorch_postprocessing(prediction,
     output, _ = prediction
     detections = json.loads((output / "detections.json").read_text())
     index = json.loads((output / "images.json").read_text())
-    # Ids are positions among the sorted image files; the broken one (position 1) is left out.
+    # Ids count the sorted image files from 1; the broken one (the second) is left out.
     assert [(entry["id"], entry["file_name"], entry["width"], entry["height"]) for entry in index["images"]] == [
-        (0, "a_first.png", 400, 300),
-        (2, "nested/c_second.jpg", 250, 330),
+        (1, "a_first.png", 400, 300),
+        (3, "nested/c_second.jpg", 250, 330),
     ]
-    assert index["categories"] == [{"id": k + 1, "name": name} for k, name in enumerate(CLASS_NAMES)]
-    annotation = {"id": 1, "image_id": 0, "category_id": 1, "bbox": [10, 10, 50, 40], "area": 2000, "iscrowd": 0}
+    assert index["categories"] == [{"id": i, "name": name} for i, name in zip(CATEGORY_IDS, CLASS_NAMES, strict=True)]
+    annotation = {"id": 1, "image_id": 1, "category_id": 3, "bbox": [10, 10, 50, 40], "area": 2000, "iscrowd": 0}
     ground_truth = COCO({**index, "annotations": [annotation]})
     assert len(ground_truth.loadRes([dict(d) for d in detections]).getAnnIds()) == 2 * 300  # no threshold in JSON
 
@@ -193,10 +208,12 @@ def test_predict_writes_coco_results_equal_to_pytorch_postprocessing(prediction,
         ours = [d for d in detections if d["image_id"] == entry["id"]]
         assert len(ours) == 300
         assert torch.allclose(torch.tensor([d["score"] for d in ours]), result["scores"], atol=1e-6)
-        assert [d["category_id"] for d in ours] == (result["labels"] + 1).tolist()
-        x0, y0, x1, y1 = result["boxes"].unbind(-1)
+        assert [d["category_id"] for d in ours] == [CATEGORY_IDS[label] for label in result["labels"].tolist()]
+        limits = torch.tensor([entry["width"], entry["height"]] * 2, dtype=torch.float32)
+        x0, y0, x1, y1 = torch.minimum(result["boxes"].clamp(min=0), limits).unbind(-1)  # clipped to the image
         xywh = torch.stack([x0, y0, x1 - x0, y1 - y0], dim=-1)
         assert torch.allclose(torch.tensor([d["bbox"] for d in ours]), xywh, atol=1e-4)
+        assert (xywh[:, 0] >= 0).all() and (xywh[:, 0] + xywh[:, 2] <= entry["width"] + 1e-3).all()
 
 
 def test_predict_draws_one_png_per_readable_image_at_its_original_size(prediction):
@@ -231,6 +248,20 @@ def test_draw_detections_draws_only_boxes_at_or_above_threshold():
     assert not drawing[:, 100:].any()  # the right half, where the low-score box lies, stays black
 
 
+def test_the_best_of_overlapping_detections_is_drawn_on_top_and_tags_stay_inside_the_image():
+    image = Image.new("RGB", (300, 200), (0, 0, 0))
+    box = [-30.0, 60.0, 120.0, 190.0]  # starts left of the image: its tag must not lose its start
+    detections = {
+        "labels": torch.tensor([1, 0]),
+        "boxes": torch.tensor([box, box]),
+        "scores": torch.tensor([0.65, 0.32]),  # sorted by score, as the post-processor gives them
+    }
+    drawing = np.asarray(draw_detections(image, detections, ["weak", "strong"], threshold=0.3))
+    assert tuple(drawing[120, 120]) == PALETTE[1]  # the right edge shows the best detection's colour
+    tag_rows = drawing[60 - 20 : 60, :, :]
+    assert (tag_rows[:, 0] == PALETTE[1]).all(axis=-1).any()  # the best tag starts at x = 0, inside the image
+
+
 def test_visualization_names_keep_suffix_only_when_stems_collide():
     names = visualization_names([Path("x.jpg"), Path("y.jpg"), Path("y.png"), Path("d/z.bmp")])
     assert names == [Path("x.png"), Path("y.jpg.png"), Path("y.png.png"), Path("d/z.png")]
@@ -238,17 +269,20 @@ def test_visualization_names_keep_suffix_only_when_stems_collide():
 
 def test_cli_errors_are_one_line_with_exit_code_2(checkpoints, tmp_path, capsys):
     (tmp_path / "empty").mkdir()
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "a.jpg").write_bytes(b"not a JPEG")
     (tmp_path / "bad.pth").write_bytes(b"garbage")
     runs = [
         (checkpoints["paths"]["phase0"], tmp_path / "empty", "no image files found"),
         (checkpoints["paths"]["phase0"], tmp_path / "missing", "no such file or folder"),
         (tmp_path / "bad.pth", tmp_path / "empty", "not a readable PyTorch checkpoint"),
+        (checkpoints["paths"]["phase0"], tmp_path / "unreadable", "none of the 1 images could be read"),
     ]
     for checkpoint, images, message in runs:
         code = main(["--checkpoint", str(checkpoint), "--images", str(images), "--output", str(tmp_path / "out")])
-        error = capsys.readouterr().err.strip()
+        error = capsys.readouterr().err.strip().splitlines()[-1]
         assert code == 2
-        assert error.startswith("error: ") and message in error and "\n" not in error
+        assert error.startswith("error: ") and message in error
 
 
 def test_find_images_sorts_recursively_and_leaves_out_the_output_folder(tmp_path):
@@ -258,3 +292,50 @@ def test_find_images_sorts_recursively_and_leaves_out_the_output_folder(tmp_path
     (tmp_path / "notes.txt").write_text("not an image")
     assert find_images(tmp_path, exclude=tmp_path / "out") == [tmp_path / "a/c.JPG", tmp_path / "b.png"]
     assert find_images(tmp_path / "b.png") == [tmp_path / "b.png"]
+
+
+def test_readme_inference_lines_give_the_eval_only_ap_of_the_real_detector(real_atto, datasets_dir, tmp_path, capsys):
+    """predict (with --ann) → evaluate on COCO ids with gaps reproduces the real DEIMv2-Atto's AP 0.2785."""
+    images = datasets_dir / "coco-tiny" / "val2017"
+    ann = datasets_dir / "coco-tiny" / "annotations" / "instances_val2017.json"
+    output = tmp_path / "predictions"
+    assert (
+        main(
+            [
+                "--checkpoint",
+                str(real_atto),
+                "--images",
+                str(images),
+                "--ann",
+                str(ann),
+                "--output",
+                str(output),
+                "--device",
+                "cpu",
+                "--batch-size",
+                "16",
+            ]
+        )
+        == 0
+    )
+    capsys.readouterr()
+    assert evaluate_main(["--ann", str(ann), "--detections", str(output / "detections.json"), "--json"]) == 0
+    metrics = json.loads(capsys.readouterr().out)
+    assert metrics["AP"] == pytest.approx(0.2785, abs=5e-4) and metrics["AP50"] == pytest.approx(0.4157, abs=5e-4)
+    export = tmp_path / "model.onnx"
+    assert export_main(["--checkpoint", str(real_atto), "--output", str(export)]) == 0 and export.stat().st_size > 1e6
+
+
+def test_ann_ids_are_looked_up_by_file_name_and_unlisted_images_are_skipped(
+    checkpoints, image_folder, tmp_path, capsys
+):
+    ann = tmp_path / "val.json"
+    images = [{"id": 5001, "file_name": "nested/c_second.jpg", "width": 250, "height": 330}]
+    categories = [{"id": i, "name": name} for i, name in zip(CATEGORY_IDS, CLASS_NAMES, strict=True)]
+    ann.write_text(json.dumps({"images": images, "annotations": [], "categories": categories}))
+    output = tmp_path / "out"
+    arguments = ["--checkpoint", str(checkpoints["paths"]["phase2"]), "--images", str(image_folder), "--ann", str(ann)]
+    assert main([*arguments, "--output", str(output)]) == 0
+    assert "skipping 2 images that --ann" in capsys.readouterr().err
+    detections = json.loads((output / "detections.json").read_text())
+    assert {d["image_id"] for d in detections} == {5001} and {d["category_id"] for d in detections} <= set(CATEGORY_IDS)
