@@ -1,0 +1,72 @@
+"""WiSE-FT interpolation: weight 0 is exactly the base, weight 1 exactly the fine-tuned model, the curve and the
+saved mix (a phase checkpoint that official tools read)."""
+
+import json
+
+import pytest
+import torch
+
+import train_progressive
+from deim_lib import build_detector, load_official_checkpoint
+from multimodal.interpolate import main, mix_states
+from multimodal.predict import load_for_inference
+from tests.test_train_progressive import IMAGE_SIZE, official_checkpoint, write_config
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, tiny_data, text_cache) -> dict:
+    """A base detector and a phase-1 fine-tune of it (fusion open, detector unchanged) plus a phase-3 one."""
+    folder = tmp_path_factory.mktemp("wise")
+    base = official_checkpoint(folder / "base.pth")
+    config = write_config(folder, tiny_data, text_cache, phase3={"epochs": 2})
+    out = folder / "out"
+    for arguments in (["--phase", "1", "--init", base], ["--phase", "2"], ["--phase", "3"]):
+        assert train_progressive.main([str(a) for a in ["--config", config, "--output-dir", out, *arguments]]) == 0
+    return {"base": base, "config": config, "out": out, "folder": folder}
+
+
+def outputs(path, images: torch.Tensor) -> dict:
+    model = load_for_inference(path).model
+    with torch.no_grad():
+        return model(images)
+
+
+@pytest.mark.parametrize("end", [0.0, 1.0])
+def test_the_ends_of_the_line_are_exactly_the_base_and_the_fine_tuned_model(runs, end, capsys):
+    tuned = runs["out"] / "phase3_best.pth"
+    output = runs["folder"] / f"mix_{end:g}"
+    arguments = ["--base", runs["base"], "--finetuned", tuned, "--weights", "0", "0.5", "1", "--choose", str(end)]
+    assert main([str(a) for a in [*arguments, "--output", output]]) == 0
+    images = torch.rand(2, 3, IMAGE_SIZE, IMAGE_SIZE, generator=torch.Generator().manual_seed(0))
+    mixed = outputs(output / "wise_ft.pth", images)
+    expected = outputs(tuned if end else runs["base"], images)
+    for key in ("pred_logits", "pred_boxes"):
+        assert torch.equal(mixed[key], expected[key]), key
+
+    curve = json.loads((output / "curve.json").read_text())
+    assert [point["weight"] for point in curve["points"]] == [0.0, 0.5, 1.0] and curve["chosen"] == end
+    baseline = json.loads((runs["out"] / "baseline.json").read_text())
+    assert curve["points"][0]["AP"] == pytest.approx(baseline["AP"], abs=1e-9)
+    best = torch.load(tuned, weights_only=True)["best_metric"]
+    assert curve["points"][-1]["AP"] == pytest.approx(best, abs=1e-9)
+    assert (output / "curve.png").stat().st_size > 1000
+    # The saved mix is also an official-format checkpoint: its detector loads strictly into a plain DEIMv2.
+    detector = build_detector("atto", 5, eval_size=(IMAGE_SIZE, IMAGE_SIZE))
+    detector.load_state_dict(load_official_checkpoint(output / "wise_ft.pth"), strict=True)
+
+
+def test_a_mix_lies_between_the_ends_and_integer_buffers_come_from_the_nearer_end():
+    base = {"w": torch.zeros(3), "n": torch.tensor(1)}
+    tuned = {"w": torch.full((3,), 2.0), "n": torch.tensor(9)}
+    assert torch.equal(mix_states(base, tuned, 0.25)["w"], torch.full((3,), 0.5))
+    assert mix_states(base, tuned, 0.25)["n"] == 1 and mix_states(base, tuned, 0.75)["n"] == 9
+
+
+def test_bad_weights_and_mismatched_detectors_are_one_line_errors(runs, tmp_path, capsys):
+    tuned = runs["out"] / "phase1_best.pth"
+    common = ["--finetuned", str(tuned), "--output", str(tmp_path / "out")]
+    assert main(["--base", str(runs["base"]), *common, "--weights", "0", "1.5"]) == 2
+    assert "lie in [0, 1]" in capsys.readouterr().err
+    other = official_checkpoint(tmp_path / "c3.pth", num_classes=3)
+    assert main(["--base", str(other), *common]) == 2
+    assert "hold different detectors" in capsys.readouterr().err
