@@ -53,8 +53,9 @@ def plot_curves(
         for axis in (top, bottom):
             if begin:
                 axis.axvline(begin + 0.5, color="grey", linewidth=0.8)
+        middle = (span[0] + span[-1]) / 2
         label = top.annotate(
-            f"phase {phase}", (begin + 1, 1.0), xycoords=("data", "axes fraction"), va="top", fontsize=8
+            f"phase {phase}", (middle, 0.99), xycoords=("data", "axes fraction"), ha="center", va="top", fontsize=8
         )
         label.set_in_layout(False)
     if base is not None:
@@ -77,6 +78,7 @@ def plot_curves(
             color="red",
         )
     bottom.set_ylim(low - pad, high + pad)
+    top.set_xlim(0.5, len(records) + 0.5)  # room for the last phase's label
     top.set_ylabel("COCO AP")
     bottom.set_ylabel("Δ to the base")
     bottom.set_xlabel("epoch of the run (all phases in order)")

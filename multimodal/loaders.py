@@ -6,7 +6,9 @@ whatever the worker count — and the loader never draws from the global RNG tha
 (The Mosaic cache of the "deimv2" preset is the one exception: it lives in each worker and restarts with it.)
 """
 
+import json
 import random
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,10 +42,19 @@ def data_paths(data: DataConfig) -> dict[str, Path]:
 
 
 def prepare_synthetic_data(data: DataConfig) -> bool:
-    """Generate the synthetic demo dataset when configured and missing; True when it was generated now."""
-    paths = data_paths(data)
-    if not data.synthetic_dir or paths["val_annotations"].is_file():
+    """Generate the synthetic demo dataset when configured and missing, or when the folder holds another one (other
+    image counts or seed: the config, not an old folder, decides the data); True when it was generated now."""
+    if not data.synthetic_dir:
         return False
+    paths = data_paths(data)
+    wanted = [*data.synthetic_images, data.synthetic_seed]
+    try:
+        found = [json.loads(paths[f"{split}_annotations"].read_text()) for split in ("train", "val")]
+        if [len(found[0]["images"]), len(found[1]["images"]), found[0]["info"]["seed"]] == wanted:
+            return False
+    except (OSError, ValueError, KeyError):
+        pass  # missing or unreadable: generate
+    shutil.rmtree(data.synthetic_dir, ignore_errors=True)
     num_train, num_val = data.synthetic_images
     generate(data.synthetic_dir, seed=data.synthetic_seed, num_train=num_train, num_val=num_val)
     return True

@@ -36,6 +36,9 @@ RELIANCE_NOTE = (
 )
 
 
+NEGLIGIBLE_AP = 0.001  # below this a text-reliance figure is within the noise of evaluating another seed
+
+
 class MonitorError(UserError):
     """The output directory's records belong to another base detector or validation set, or are unreadable."""
 
@@ -259,15 +262,15 @@ class ForgettingMonitor:
             return "Text reliance was not measured (monitor.text_reliance: never)."
         record = measured[-1]
         reliance, where = record["text"]["reliance"], f"phase {record['phase']}, epoch {record['epoch']}"
-        if reliance["permuted"] == 0 and reliance["mean"] == 0:
-            return (
-                f"The text was not used ({where}): AP is the same with the class descriptions permuted across "
-                "classes or all replaced by their mean."
-            )
-        return (
-            f"The text was used ({where}): AP(real) − AP(mean description) = {reliance['mean']:+.4f} and AP(real) − "
-            f"AP(descriptions permuted across classes) = {reliance['permuted']:+.4f}; positive means the text helps."
+        figures = (
+            f"AP(real) − AP(mean description) = {reliance['mean']:+.4f}, AP(real) − AP(descriptions permuted across "
+            f"classes) = {reliance['permuted']:+.4f}"
         )
+        if reliance["permuted"] == 0 and reliance["mean"] == 0:
+            return f"The text was not used ({where}): {figures}, exactly."
+        if max(abs(reliance["permuted"]), abs(reliance["mean"])) < NEGLIGIBLE_AP:
+            return f"The text was barely used ({where}): {figures}; under {NEGLIGIBLE_AP} AP either way."
+        return f"The text was used ({where}): {figures}; positive means the text helps."
 
     def write_summary(self, machine_info: dict, seconds: float, command: list[str]) -> dict:
         """``summary.json``: the per-phase table of the current run, the text verdict, the machine and the time."""

@@ -69,6 +69,8 @@ def test_the_verdict_says_plainly_whether_the_text_was_used(tmp_path):
     assert "not measured" in monitor.text_verdict()
     monitor.record(1, 1, metrics(0.5, {"permuted": 0.0, "mean": 0.0}), {})
     assert monitor.text_verdict().startswith("The text was not used (phase 1, epoch 1)")
-    monitor.record(1, 2, metrics(0.5, {"permuted": -0.002, "mean": 0.004}), {})
+    monitor.record(1, 2, metrics(0.5, {"permuted": 0.0, "mean": 0.0002}), {})
+    assert monitor.text_verdict().startswith("The text was barely used (phase 1, epoch 2)")
+    monitor.record(1, 3, metrics(0.5, {"permuted": -0.002, "mean": 0.004}), {})
     verdict = monitor.text_verdict()
-    assert verdict.startswith("The text was used (phase 1, epoch 2)") and "+0.0040" in verdict and "-0.0020" in verdict
+    assert verdict.startswith("The text was used (phase 1, epoch 3)") and "+0.0040" in verdict and "-0.0020" in verdict

@@ -1,0 +1,19 @@
+"""The demo's generated dataset follows the config: generated when missing, again when the config asks for another."""
+
+import json
+
+from multimodal.config import DataConfig
+from multimodal.loaders import data_paths, prepare_synthetic_data
+
+
+def test_the_synthetic_dataset_is_regenerated_when_the_config_asks_for_another(tmp_path):
+    data = DataConfig(synthetic_dir=str(tmp_path / "synthetic"), synthetic_images=[3, 2])
+    assert prepare_synthetic_data(data)
+    assert not prepare_synthetic_data(data)  # the same counts and seed: kept
+    more = DataConfig(synthetic_dir=data.synthetic_dir, synthetic_images=[4, 2])
+    assert prepare_synthetic_data(more)
+    train = json.loads(data_paths(more)["train_annotations"].read_text())
+    assert len(train["images"]) == 4 and len(list(data_paths(more)["train_images"].iterdir())) == 4
+    assert prepare_synthetic_data(
+        DataConfig(synthetic_dir=data.synthetic_dir, synthetic_images=[4, 2], synthetic_seed=1)
+    )
