@@ -4,8 +4,8 @@ time over seeds, and WiSE-FT curves; prints markdown.
     python experiments/compare_runs.py --run progressive=runs/a_s0,runs/a_s1 --run joint=runs/b_s0,runs/b_s1 \
         --plot docs/runs.png --json docs/runs.json [--wise-ft runs/w_s0,runs/w_s1]
 
-A run is one or more output directories (one per seed), each holding the ``baseline.json`` and ``metrics.jsonl`` the
-training script writes for one chain of phases. Values over seeds are "mean ± standard deviation".
+A run is one or more output directories (one per seed), each holding the ``baseline.json``, ``metrics.jsonl`` and
+``summary.json`` the training script writes. Values over seeds are "mean ± standard deviation".
 """
 
 import argparse
@@ -20,10 +20,15 @@ import matplotlib.pyplot as plt
 
 
 def read_run(directory: Path) -> dict:
-    """One seed: its baseline and its fine-tuning records (phase ≥ 1), each with the step counted over all phases."""
+    """One seed: its baseline and its fine-tuning records (phase ≥ 1), each with the step counted over all phases.
+
+    Only the records of the chain the last finished invocation belongs to count (``summary.json``'s lineage): an
+    interrupted earlier attempt in the same directory is left out.
+    """
     baseline = json.loads((directory / "baseline.json").read_text())
+    lineage = json.loads((directory / "summary.json").read_text())["lineage"]
     records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    records = [record for record in records if record["phase"] >= 1]
+    records = [record for record in records if record["phase"] >= 1 and record.get("run_id") in lineage]
     offset, last_phase, previous_step = 0, None, 0
     for record in records:
         if record["phase"] != last_phase:

@@ -5,7 +5,7 @@
 # run 5 + 4 + 3) and seed list.
 #
 #   experiments/real_atto.sh 0 1 2      # the seeds; runs under runs/real_atto/<run>_s<seed>, then the table
-#   THREADS=1 experiments/real_atto.sh 1 &  THREADS=1 experiments/real_atto.sh 2   # two at a time on two cores
+#   THREADS=1 experiments/real_atto.sh 0 1 2 &  THREADS=1 experiments/real_atto.sh 2 1 0   # two copies, two cores
 #
 # Run from the repository root. Finished runs are skipped, so an interrupted script can simply be started again.
 set -euo pipefail
@@ -27,6 +27,11 @@ train() {  # train RUN SEED PHASE ARGS...: one phase into runs/real_atto/RUN_sSE
   local dir=$out/${run}_s$seed
   [ -f "$dir/phase$phase.done" ] && return
   mkdir -p "$dir"
+  if ! mkdir "$dir/phase$phase.lock" 2>/dev/null; then
+    echo "skipping $dir phase $phase: another copy of this script runs it (else remove $dir/phase$phase.lock)"
+    return
+  fi
+  trap 'rmdir "$dir/phase$phase.lock"' RETURN
   $python train_progressive.py --config configs/coco_tiny.yaml --phase "$phase" --seed "$seed" --output-dir "$dir" \
       "${data[@]}" --set phase1.warmup_iters=20 --set phase2.warmup_iters=20 --set phase3.warmup_iters=20 "$@" \
       > "$dir/phase$phase.log" 2>&1

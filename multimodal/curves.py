@@ -23,33 +23,15 @@ def plot_curves(
     figure, (top, bottom) = plt.subplots(2, 1, figsize=(9, 7), sharex=True, height_ratios=(3, 2), layout="constrained")
     x = list(range(1, len(records) + 1))
     starts = [i for i in range(len(records)) if i == 0 or records[i]["phase"] != records[i - 1]["phase"]]
+    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for begin, end in zip(starts, [*starts[1:], len(records)], strict=True):
-        phase, span = records[begin]["phase"], x[begin:end]
-        (line,) = top.plot(span, [r["AP"] for r in records[begin:end]], marker="o", label=f"phase {phase} AP")
-        top.plot(
-            span,
-            [r["AP50"] for r in records[begin:end]],
-            marker=".",
-            linestyle=":",
-            color=line.get_color(),
-            label=f"phase {phase} AP50",
-        )
-        if "delta_AP" in records[begin]:
-            bottom.plot(
-                span,
-                [r["delta_AP"] for r in records[begin:end]],
-                marker="o",
-                color=line.get_color(),
-                label=f"phase {phase} ΔAP",
-            )
-            bottom.plot(
-                span,
-                [r["delta_AP50"] for r in records[begin:end]],
-                marker=".",
-                linestyle=":",
-                color=line.get_color(),
-                label=f"phase {phase} ΔAP50",
-            )
+        phase, span, colour = records[begin]["phase"], x[begin:end], colours[records[begin]["phase"] % len(colours)]
+        panels = [(top, "", "AP")] + ([(bottom, "delta_", "ΔAP")] if "delta_AP" in records[begin] else [])
+        for axis, prefix, name in panels:  # AP solid, AP50 dotted, one colour per phase
+            for metric, style, marker in (("AP", "-", "o"), ("AP50", ":", ".")):
+                values = [r[prefix + metric] for r in records[begin:end]]
+                label = f"phase {phase} {name}{metric.removeprefix('AP')}"
+                axis.plot(span, values, linestyle=style, marker=marker, color=colour, label=label)
         for axis in (top, bottom):
             if begin:
                 axis.axvline(begin + 0.5, color="grey", linewidth=0.8)

@@ -22,7 +22,10 @@ def write_run(directory: Path, base_ap: float, aps: list[float], phases: list[in
         records.append(
             {"phase": phase, "epoch": epoch, "AP": ap, "AP50": ap + 0.2, "per_class": classes} | {"train": train}
         )
-    (directory / "metrics.jsonl").write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    interrupted = {"run_id": "killed", "phase": 1, "epoch": 1, "AP": 0.0, "AP50": 0.0, "per_class": {}, "train": {}}
+    lines = [json.dumps(r | {"run_id": "r0"}) for r in records] + [json.dumps(interrupted)]
+    (directory / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    (directory / "summary.json").write_text(json.dumps({"lineage": ["r0"]}))
     return directory
 
 
