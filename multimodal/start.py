@@ -54,7 +54,7 @@ def _from_checkpoint(checkpoint: PhaseCheckpoint, description: str) -> StartPoin
     )
 
 
-def _resume(phase: int | None, path: Path, config: TrainConfig) -> StartPoint:
+def _resume(phase: int | None, path: Path, config: TrainConfig, eval_only: bool) -> StartPoint:
     checkpoint = read_phase_checkpoint(path)
     found = checkpoint.phase
     phase = found if phase is None else phase
@@ -79,8 +79,11 @@ def _resume(phase: int | None, path: Path, config: TrainConfig) -> StartPoint:
     start = _from_checkpoint(
         checkpoint, f"the resume point {path} (phase {phase}, epoch {state.epoch + 1}, step {state.step})"
     )
-    # The run continues from the training weights; the EMA, optimiser and RNG come back once the phase is set up.
-    start.detector_state, start.fusion_state, start.resume = checkpoint.detector, checkpoint.fusion, checkpoint
+    start.resume = checkpoint
+    if not eval_only:
+        # Training continues from the training weights; the EMA, optimiser and RNG come back once the phase is set up.
+        # (--eval-only keeps the EMA weights: those are what the run evaluated.)
+        start.detector_state, start.fusion_state = checkpoint.detector, checkpoint.fusion
     return start
 
 
@@ -120,7 +123,7 @@ def resolve_start(
     if resume is not None and init is not None:
         raise CheckpointError("--resume continues a phase with its own weights; --init starts one: pass only one")
     if resume is not None:
-        return _resume(phase, Path(resume), config)
+        return _resume(phase, Path(resume), config, eval_only)
     if init is not None:
         return _init(phase, Path(init), eval_only)
     previous = checkpoint_path(output_dir, phase - 1, "best")

@@ -230,6 +230,11 @@ def evaluated(out: str) -> dict:
     return json.loads(out.split("metrics: ")[1].splitlines()[0])
 
 
+def fingerprint(metrics: dict) -> list[float]:
+    """AP and the text's added signal: on the tiny test data AP is often 0, the added signal never is once trained."""
+    return [metrics["AP"], *metrics["text"]["added_signal"]]
+
+
 def test_eval_only_evaluates_exactly_the_weights_each_flag_combination_starts_from(tmp_path, config, base, capsys):
     out = tmp_path / "out"
     args = ["--config", config, "--output-dir", out]
@@ -239,17 +244,17 @@ def test_eval_only_evaluates_exactly_the_weights_each_flag_combination_starts_fr
     phase1, phase2 = [r for r in records(out) if r["phase"] == 1], [r for r in records(out) if r["phase"] == 2]
     best2 = max(phase2, key=lambda r: r["AP"])
     cases = [
-        (["--phase", "1", "--init", base], baseline["AP"]),  # the base itself
-        (["--phase", "2"], phase1[-1]["AP"]),  # phase1_best.pth, picked up from the output directory
-        (["--phase", "2", "--init", out / "phase1_best.pth"], phase1[-1]["AP"]),
-        (["--phase", "3", "--init", out / "phase2_last.pth"], phase2[-1]["AP"]),  # a last file's own weights
-        (["--phase", "2", "--init", out / "phase2_best.pth"], best2["AP"]),  # any phase, when only evaluating
-        (["--phase", "3"], best2["AP"]),
+        (["--phase", "1", "--init", base], baseline | {"text": {"added_signal": [0.0, 0.0]}}),  # the base itself
+        (["--phase", "2"], phase1[-1]),  # phase1_best.pth, picked up from the output directory
+        (["--phase", "2", "--init", out / "phase1_best.pth"], phase1[-1]),
+        (["--phase", "3", "--init", out / "phase2_last.pth"], phase2[-1]),  # a last file's own weights
+        (["--phase", "2", "--init", out / "phase2_best.pth"], best2),  # any phase, when only evaluating
+        (["--phase", "3"], best2),
     ]
     for arguments, expected in cases:
         code, stdout, errors = run(capsys, *args, *arguments, "--eval-only")
         assert code == 0, (arguments, errors)
-        assert evaluated(stdout)["AP"] == pytest.approx(expected, abs=1e-9), arguments
+        assert fingerprint(evaluated(stdout)) == pytest.approx(fingerprint(expected), abs=1e-9), arguments
     # A finished phase is not a resume point; a best file never is.
     for name, message in (("phase2_last.pth", "phase 2 is finished"), ("phase2_best.pth", "not a resume point")):
         code, _, errors = run(capsys, *args, "--phase", "2", "--resume", out / name, "--eval-only")
@@ -267,7 +272,7 @@ def test_eval_only_of_an_unfinished_resume_point_gives_the_ap_its_run_recorded(t
     torch.save(checkpoint, out / "phase1_last.pth")
     code, stdout, _ = run(capsys, *args, "--resume", out / "phase1_last.pth", "--eval-only")
     assert code == 0 and "EMA weights of the resume point" in stdout
-    assert evaluated(stdout)["AP"] == pytest.approx(records(out)[-1]["AP"], abs=1e-9)
+    assert fingerprint(evaluated(stdout)) == pytest.approx(fingerprint(records(out)[-1]), abs=1e-9)
 
 
 def poison_after(monkeypatch, steps: int) -> None:
