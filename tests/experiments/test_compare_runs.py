@@ -30,7 +30,7 @@ def write_run(directory: Path, base_ap: float, aps: list[float], phases: list[in
 
 
 def test_summary_reports_final_delta_the_worst_drop_class_extremes_and_time(tmp_path, capsys):
-    progressive = write_run(tmp_path / "progressive", 0.40, [0.41, 0.38, 0.42], phases=[1, 2, 2])
+    progressive = write_run(tmp_path / "progressive", 0.40, [0.43, 0.38, 0.42], phases=[1, 2, 2])
     seeds = [write_run(tmp_path / f"joint_s{seed}", 0.40, aps) for seed, aps in enumerate([[0.30, 0.33], [0.34, 0.35]])]
     plot, record = tmp_path / "runs.png", tmp_path / "runs.json"
     arguments = ["--run", f"progressive={progressive}", "--run", "joint=" + ",".join(map(str, seeds))]
@@ -38,12 +38,14 @@ def test_summary_reports_final_delta_the_worst_drop_class_extremes_and_time(tmp_
     lines = capsys.readouterr().out.splitlines()
     progressive_row = next(line for line in lines if line.startswith("| progressive"))
     joint_row = next(line for line in lines if line.startswith("| joint"))
-    # seeds, epochs, base, final, lowest, ΔAP, final AP50, ΔAP50, class drop, class gain, time (phase 0 left out)
-    assert [cell.strip() for cell in progressive_row.split("|")[2:13]] == [
-        "1", "3", "0.4000", "0.4200", "0.3800", "+0.0200", "0.6200", "+0.1200", "pit +0.010", "crack +0.020", "30 s",
+    # seeds, epochs, base, final, best, lowest, ΔAP, final AP50, ΔAP50, class drop, class gain, time (no phase 0)
+    assert [cell.strip() for cell in progressive_row.split("|")[2:14]] == [
+        "1", "3", "0.4000", "0.4200", "0.4300", "0.3800", "+0.0200", "0.6200", "+0.1200", "pit +0.010",
+        "crack +0.020", "30 s",
     ]  # fmt: skip
-    cells = [cell.strip() for cell in joint_row.split("|")[2:9]]
-    assert cells[:2] == ["2", "2"] and cells[3] == "0.3400 ± 0.0141" and cells[5] == "-0.0600 ± 0.0141"
+    cells = [cell.strip() for cell in joint_row.split("|")[2:10]]
+    assert cells[:2] == ["2", "2"] and cells[3] == "0.3400 ± 0.0141" and cells[4] == "0.3400 ± 0.0141"
+    assert cells[6] == "-0.0600 ± 0.0141"
     assert plot.stat().st_size > 1000
     steps = [r["run_step"] for r in compare_runs.read_run(progressive)["records"]]
     assert steps == [5, 10, 15]  # phase 2 counts on from phase 1's last step
