@@ -7,7 +7,8 @@
 #   experiments/real_atto.sh 0 1 2      # the seeds; runs under runs/real_atto/<run>_s<seed>, then the table
 #   THREADS=1 experiments/real_atto.sh 0 1 2 &  THREADS=1 experiments/real_atto.sh 2 1 0   # two copies, two cores
 #
-# Run from the repository root. Finished runs are skipped, so an interrupted script can simply be started again.
+# Run from the repository root. Finished runs are skipped, so an interrupted script can simply be started again; so
+# are runs another copy is busy with, and what depends on them: start the script once more at the end to fill in.
 set -euo pipefail
 python=${PYTHON:-.venv/bin/python}
 out=runs/real_atto
@@ -26,6 +27,10 @@ train() {  # train RUN SEED PHASE ARGS...: one phase into runs/real_atto/RUN_sSE
   shift 3
   local dir=$out/${run}_s$seed
   [ -f "$dir/phase$phase.done" ] && return
+  if [ "$phase" -gt 1 ] && [ ! -f "$dir/phase$((phase - 1)).done" ]; then
+    echo "skipping $dir phase $phase: phase $((phase - 1)) is not finished (another copy of this script runs it)"
+    return
+  fi
   mkdir -p "$dir"
   if ! mkdir "$dir/phase$phase.lock" 2>/dev/null; then
     echo "skipping $dir phase $phase: another copy of this script runs it (else remove $dir/phase$phase.lock)"
@@ -55,7 +60,7 @@ for seed in "${seeds[@]}"; do
   # lr 0: the same batches through a train-mode encoder and decoder, no weight update: BatchNorm drift alone.
   train batchnorm_drift "$seed" 1 "${joint[@]}" --set phase1.lr=0
   # WiSE-FT: the joint 2e-4 end point mixed with the base.
-  [ -f "$out/wise_ft_s$seed/curve.json" ] || $python -m multimodal.interpolate --base ../shared/real/deimv2_atto_coco.pth \
+  [ -f "$out/wise_ft_s$seed/curve.json" ] || [ ! -f "$out/joint_2e-4_s$seed/phase1.done" ] || $python -m multimodal.interpolate --base ../shared/real/deimv2_atto_coco.pth \
       --finetuned "$out/joint_2e-4_s$seed/phase1_last.pth" --weights 0 0.2 0.4 0.6 0.8 1 --output "$out/wise_ft_s$seed"
   train joint_backbone_2e-5 "$seed" 1 --set "phase1.trainable=[fusion, backbone, encoder, decoder]" \
       --set phase1.epochs=12 --set phase1.lr=2e-5 --set allow_backbone_training=true
