@@ -26,6 +26,9 @@ def read_run(directory: Path) -> dict:
     Only the records of the chain the last finished invocation belongs to count (``summary.json``'s lineage): an
     interrupted earlier attempt in the same directory is left out.
     """
+    for name in ("baseline.json", "metrics.jsonl", "summary.json"):
+        if not (directory / name).is_file():
+            raise SystemExit(f"{directory}: no {name}; the run has not finished (or is not a train_progressive.py run)")
     baseline = json.loads((directory / "baseline.json").read_text())
     lineage = json.loads((directory / "summary.json").read_text())["lineage"]
     records = [json.loads(line) for line in (directory / "metrics.jsonl").read_text().splitlines() if line.strip()]

@@ -4,6 +4,8 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
+
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("compare_runs", PROJECT_DIR / "experiments" / "compare_runs.py")
 compare_runs = importlib.util.module_from_spec(spec)
@@ -50,3 +52,10 @@ def test_summary_reports_final_delta_the_worst_drop_class_extremes_and_time(tmp_
     steps = [r["run_step"] for r in compare_runs.read_run(progressive)["records"]]
     assert steps == [5, 10, 15]  # phase 2 counts on from phase 1's last step
     assert json.loads(record.read_text())["joint"][1]["final_AP"] == 0.35
+
+
+def test_an_unfinished_run_is_one_line_naming_the_directory(tmp_path):
+    run = write_run(tmp_path / "killed", 0.40, [0.41])
+    (run / "summary.json").unlink()
+    with pytest.raises(SystemExit, match=f"{run}: no summary.json; the run has not finished"):
+        compare_runs.main(["--run", f"killed={run}"])
