@@ -59,9 +59,11 @@ for seed in "${seeds[@]}"; do
   train joint_2e-5 "$seed" 1 "${joint[@]}" --set phase1.lr=2e-5
   # lr 0: the same batches through a train-mode encoder and decoder, no weight update: BatchNorm drift alone.
   train batchnorm_drift "$seed" 1 "${joint[@]}" --set phase1.lr=0
-  # WiSE-FT: the joint 2e-4 end point mixed with the base.
-  [ -f "$out/wise_ft_s$seed/curve.json" ] || [ ! -f "$out/joint_2e-4_s$seed/phase1.done" ] || $python -m multimodal.interpolate --base ../shared/real/deimv2_atto_coco.pth \
-      --finetuned "$out/joint_2e-4_s$seed/phase1_last.pth" --weights 0 0.2 0.4 0.6 0.8 1 --output "$out/wise_ft_s$seed"
+  # WiSE-FT: the joint 2e-4 end point mixed with the base (once that run is finished).
+  if [ ! -f "$out/wise_ft_s$seed/curve.json" ] && [ -f "$out/joint_2e-4_s$seed/phase1.done" ]; then
+    $python -m multimodal.interpolate --base ../shared/real/deimv2_atto_coco.pth \
+        --finetuned "$out/joint_2e-4_s$seed/phase1_last.pth" --weights 0 0.2 0.4 0.6 0.8 1 --output "$out/wise_ft_s$seed"
+  fi
   train joint_backbone_2e-5 "$seed" 1 --set "phase1.trainable=[fusion, backbone, encoder, decoder]" \
       --set phase1.epochs=12 --set phase1.lr=2e-5 --set allow_backbone_training=true
 done
