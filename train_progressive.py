@@ -81,9 +81,9 @@ from deim_lib.evaluate import evaluate_detector
 from deim_lib.variants import Variant, get_variant
 from multimodal import distributed, loaders
 from multimodal.config import ConfigError, TrainConfig, changed_values, config_to_dict, config_to_yaml, load_config
-from multimodal.files import prepare_output_dir, remove_stale_temporaries
+from multimodal.files import file_sha256, prepare_output_dir, remove_stale_temporaries
 from multimodal.model import MultimodalDetector, attach_text, load_weights
-from multimodal.monitor import ForgettingMonitor, file_fingerprint, format_epoch, machine
+from multimodal.monitor import ForgettingMonitor, format_epoch, machine
 from multimodal.optimization import lr_factor, set_lr
 from multimodal.phase_checkpoint import PhaseProgress, RunInfo, TrainingState, checkpoint_path, save_phase_checkpoint
 from multimodal.phases import constant_parameters
@@ -205,7 +205,7 @@ def run_phase(index: int, model, constants: frozenset[int], start: StartPoint, r
         progress = PhaseProgress(TrainingState(), [*start.lineage, uuid.uuid4().hex[:8]], baseline=start.baseline)
     run.monitor.lineage = progress.lineage
     if PHASES[index].compares_to_base:
-        val_fingerprint = file_fingerprint(run.val_dataset.annotation_file)
+        val_fingerprint = file_sha256(run.val_dataset.annotation_file)
         baseline = run.monitor.adopt_baseline(
             progress.baseline, lambda: model.detector.state_dict(), val_fingerprint, lambda: evaluate(model, run), index
         )

@@ -1,9 +1,10 @@
-"""Files of a run: the output directory, atomic writes and the temporaries a killed run leaves behind.
+"""Files of a run: the output directory, atomic writes, the temporaries a killed run leaves behind, file digests.
 
 Every file a run writes goes through ``atomic_write``: a temporary file in the same folder, then ``os.replace``, so a
 reader (or a run killed mid-write) never sees half a file; the result gets the usual permissions (0666 minus umask).
 """
 
+import hashlib
 import os
 import tempfile
 from collections.abc import Callable
@@ -17,6 +18,15 @@ TEMPORARY_SUFFIX = ".tmp"
 
 class OutputError(UserError):
     """The output directory or a file in it cannot be written; the message names it and what is intact."""
+
+
+def file_sha256(path: str | Path) -> str:
+    """sha256 hex of a file's content, read in 1 MiB blocks (weights files can be large)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def _umask() -> int:
@@ -41,7 +51,7 @@ def atomic_write(path: str | Path, write: Callable[[BinaryIO], None]) -> None:
     except BaseException as error:
         Path(temporary).unlink(missing_ok=True)
         # torch.save reports a failed write as RuntimeError("[enforce fail at inline_container.cc…] … write failed").
-        if isinstance(error, OSError) or (isinstance(error, RuntimeError) and "write" in str(error)):
+        if isinstance(error, OSError) or (isinstance(error, RuntimeError) and "PytorchStreamWriter" in str(error)):
             kept = f"the previous {path.name} is intact" if path.exists() else f"no {path.name} was written"
             reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error).splitlines()[0]
             raise OutputError(

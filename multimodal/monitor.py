@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 
-from deim_lib.errors import UserError
+from deim_lib.errors import CheckpointError, UserError
 from multimodal.files import atomic_write_text
+from multimodal.phase_checkpoint import read_phase_checkpoint
 from multimodal.phase_table import PHASES
 
 SIGNAL_NOTE = (
@@ -46,6 +47,11 @@ class MonitorError(UserError):
 def summarize(metrics: dict) -> dict:
     """The part of a COCO metrics dict the monitor tracks: AP, AP50 and per-class AP / AP50."""
     return {"AP": metrics["AP"], "AP50": metrics["AP50"], "per_class": metrics["per_class"]}
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with path.open("rb") as file:
+        return file.seek(0, os.SEEK_END) == 0 or (file.seek(-1, os.SEEK_END) >= 0 and file.read(1) == b"\n")
 
 
 def state_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
@@ -76,10 +82,6 @@ def machine(device: torch.device) -> dict:
         "torch": torch.__version__,
         "platform": platform.platform(),
     }
-
-
-def file_fingerprint(path: str | Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,7 @@ class ForgettingMonitor:
         self.log_path = self.output_dir / "metrics.jsonl"
         self.baseline: Baseline | None = None
         self.lineage: list[str] = []  # run ids of the current run's phases; records of other runs are left out
+        self._logged: list[dict] | None = None  # every readable record of metrics.jsonl, read once, then appended to
 
     def directory_baseline(self) -> Baseline | None:
         if not self.baseline_path.is_file():
@@ -189,39 +192,41 @@ class ForgettingMonitor:
                 if name in self.baseline.per_class
             }
         if self.writes:
-            torn = self.log_path.is_file() and not self.log_path.read_bytes().endswith(b"\n")
+            torn = self.log_path.is_file() and not _ends_with_newline(self.log_path)
             with self.log_path.open("a") as log:
                 # After a torn last line, start a new one so that the fragment stays a line of its own.
                 log.write(("\n" if torn else "") + json.dumps(record) + "\n")
+        if self._logged is not None:
+            self._logged.append(record)
         return record
 
     def earlier_best(self, path: Path) -> float | None:
         """The score of ``path`` (a phaseN_best.pth) when an earlier run wrote it: this run's best will replace it."""
         if not path.is_file():
             return None
-        other = torch.load(path, map_location="cpu", weights_only=True)
-        return None if other.get("lineage", [None])[-1] in self.lineage else other.get("best_metric")
+        try:
+            progress = read_phase_checkpoint(path).progress
+        except CheckpointError:
+            return None  # unreadable or of another version: there is no score to compare with
+        return None if progress.lineage[-1] in self.lineage else progress.best_metric
 
     def exceeded(self, record: dict) -> bool:
         """True when AP fell further below the baseline than ``max_ap_drop``."""
         return "delta_AP" in record and -record["delta_AP"] > self.max_ap_drop
 
     def records(self) -> list[dict]:
-        """The current run's records, in order; unreadable lines (a torn write) are reported and skipped."""
-        if not self.log_path.is_file():
-            return []
-        records = []
-        for number, line in enumerate(self.log_path.read_text().splitlines(), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                _warn(f"{self.log_path}:{number}: unreadable record (a run killed while writing it?); skipped")
-                continue
-            if record.get("run_id") in self.lineage:
-                records.append(record)
-        return records
+        """The current run's records, in order; unreadable lines (a torn write) are reported, once, and skipped."""
+        if self._logged is None:
+            self._logged = []
+            lines = self.log_path.read_text().splitlines() if self.log_path.is_file() else []
+            for number, line in enumerate(lines, start=1):
+                if not line.strip():
+                    continue
+                try:
+                    self._logged.append(json.loads(line))
+                except json.JSONDecodeError:
+                    _warn(f"{self.log_path}:{number}: unreadable record (a run killed while writing it?); skipped")
+        return [record for record in self._logged if record.get("run_id") in self.lineage]
 
     def phase_summary(self) -> list[dict]:
         """Per phase: the last epoch's AP/AP50, the lowest AP seen during it and the last text-reliance figures."""

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from deim_lib.errors import UserError
 from multimodal.config import TextEncoderConfig, TrainConfig
-from multimodal.files import atomic_write
+from multimodal.files import atomic_write, file_sha256
 
 RANDOM_INIT_SEED = 0
 _ENCODE_BATCH = 256  # prompts per text-model call; bounds activation memory for long template lists
@@ -234,14 +234,6 @@ def build_prompts(class_prompts: Mapping[str, Sequence[str]], templates: Sequenc
     return prompts
 
 
-def _file_digest(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def weights_identity(config: TextEncoderConfig) -> str:
     """What identifies the text model's weights: the sha256 of the weights file(s), the open_clip tag, or the seed."""
     if config.backend == "huggingface":
@@ -249,19 +241,20 @@ def weights_identity(config: TextEncoderConfig) -> str:
         files = [path / name for name in _WEIGHT_FILES if (path / name).is_file()]
         if not files:
             raise TextEncoderError(f"{path}: no weights file ({' or '.join(_WEIGHT_FILES)})")
-        return " ".join(f"{file.name} sha256={_file_digest(file)}" for file in files)
+        return " ".join(f"{file.name} sha256={file_sha256(file)}" for file in files)
     if config.pretrained is None:
         return f"random-init seed={RANDOM_INIT_SEED}"
     path = Path(config.pretrained)
-    return f"file sha256={_file_digest(path)}" if path.is_file() else f"tag {config.pretrained}"
+    return f"file sha256={file_sha256(path)}" if path.is_file() else f"tag {config.pretrained}"
 
 
-def cache_key(class_prompts: Mapping[str, Sequence[str]], config: TextEncoderConfig) -> str:
-    """sha256 hex of everything the embeddings depend on: backend, model, weights, classes, prompts and templates."""
+def cache_key(class_prompts: Mapping[str, Sequence[str]], config: TextEncoderConfig, weights: str) -> str:
+    """sha256 hex of everything the embeddings depend on: backend, model, weights (``weights_identity``), classes,
+    prompts and templates."""
     payload = {
         "backend": config.backend,
         "model": config.model,
-        "weights": weights_identity(config),
+        "weights": weights,
         "classes": [[name, list(descriptions)] for name, descriptions in class_prompts.items()],
         "templates": list(config.templates),
     }
@@ -320,19 +313,19 @@ def load_text_embeddings(
     if config.precomputed is not None:
         return load_precomputed(config.precomputed, list(class_prompts))
     prompts = build_prompts(class_prompts, config.templates)
+    weights = weights_identity(config)  # hashes the weights file: once per call
     cache_path = None
     if cache_dir is not None:
-        cache_path = Path(cache_dir) / f"text_embeddings_{cache_key(class_prompts, config)}.pt"
+        cache_path = Path(cache_dir) / f"text_embeddings_{cache_key(class_prompts, config, weights)}.pt"
         cached = _read_cache(cache_path)
         if cached is not None:
             return cached
     encoder = build_text_encoder(config, device)
-    weights = "" if config.backend == "huggingface" else f" ({weights_identity(config)})"
     result = TextEmbeddings(
         embeddings=encoder.encode_classes(prompts),
         class_names=list(class_prompts),
         prompts=prompts,
-        source=f"{config.backend} {config.model}{weights}",
+        source=f"{config.backend} {config.model} ({weights})",
     )
     if cache_path is not None:
         cache_path.parent.mkdir(parents=True, exist_ok=True)

