@@ -18,9 +18,13 @@ def one_line(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).strip().splitlines() if line.strip()]
     if not lines:
         return type(error).__name__
-    line = lines[-1]
-    prefix = f"{type(error).__name__}: "
-    return line.removeprefix(prefix) if len(lines) > 1 else line
+    if len(lines) == 1:
+        return lines[0]
+    kind = type(error)
+    line = lines[-1]  # the worker's "ClassName: message" or "package.module.ClassName: message"
+    for prefix in (f"{kind.__module__}.{kind.__qualname__}: ", f"{kind.__name__}: "):
+        line = line.removeprefix(prefix)
+    return line
 
 
 class CheckpointError(UserError):
