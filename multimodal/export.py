@@ -8,8 +8,8 @@ Inputs: ``images`` float32 [N, 3, S, S], already resized to S×S and normalised 
 sorted by score, k = min(300, queries × classes) (300 for every released variant). N is dynamic.
 
 The detector runs in deploy mode (conv+BN folded, unused heads dropped). A multimodal checkpoint's class text
-embeddings are constants of the graph (folded into the text-side projections): the exported model needs no
-text model and no extra input.
+embeddings are constants of the graph (with what depends on them alone, such as their centred copy, precomputed
+by constant folding): the exported model needs no text model and no extra input.
 """
 
 import argparse
@@ -49,7 +49,6 @@ class DeployedDetector(nn.Module):
     def __init__(self, inference: InferenceModel):
         super().__init__()
         model = inference.model
-        # The class embeddings are a constant input of the text side: constant folding precomputes it in the graph.
         (model.detector if isinstance(model, MultimodalDetector) else model).deploy()
         self.model = model.eval()
         self.postprocessor = PostProcessor(len(inference.class_names)).deploy()

@@ -34,10 +34,16 @@ from deim_lib.postprocessor import PostProcessor
 from deim_lib.variants import get_variant
 from multimodal import loaders
 from multimodal.config import ConfigError, config_from_values, load_config
-from multimodal.files import atomic_write_text, prepare_output_dir
+from multimodal.files import atomic_write, atomic_write_text, prepare_output_dir
 from multimodal.model import MultimodalDetector, split_state
-from multimodal.phase_checkpoint import PhaseCheckpoint, PhaseProgress, is_phase_checkpoint, save_phase_checkpoint
-from multimodal.predict import load_for_inference
+from multimodal.phase_checkpoint import (
+    PhaseCheckpoint,
+    PhaseProgress,
+    is_phase_checkpoint,
+    read_phase_checkpoint,
+    save_phase_checkpoint,
+)
+from multimodal.predict import phase_model
 
 
 def mix_states(base: dict[str, Tensor], tuned: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
@@ -86,7 +92,7 @@ def plot_curve(points: list[dict], path: Path) -> None:
     axis.set_title("WiSE-FT: base ↔ fine-tuned")
     axis.grid(alpha=0.3)
     axis.legend()
-    figure.savefig(path, dpi=110)
+    atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=110))
     plt.close(figure)
 
 
@@ -100,23 +106,22 @@ def interpolate(
     device: str = "cpu",
 ) -> dict:
     """Evaluate every mix, write curve.json, curve.png and wise_ft.pth to ``output``; returns the curve record."""
-    tuned_checkpoint = PhaseCheckpoint.from_dict(read_checkpoint(finetuned), finetuned)
+    tuned_checkpoint = read_phase_checkpoint(finetuned)
     info = tuned_checkpoint.info
     config = load_config(config_path) if config_path else config_from_values(info.config)
-    inference = load_for_inference(finetuned)
-    model = inference.model.to(device)
+    model = phase_model(tuned_checkpoint, finetuned).eval().to(device)
     tuned = {key: value.clone() for key, value in model.state_dict().items()}
     start = base_state(base, model)
     dataset = loaders.build_val_dataset(config.data, get_variant(info.variant), info.image_size)
     if dataset.class_names != info.class_names:
         raise ConfigError(f"the validation set's classes differ from the classes {finetuned} was trained on")
     loader = loaders.build_val_loader(dataset, config.data.val_batch_size, config.data.num_workers)
-    points = []
+    points, postprocessor = [], PostProcessor(len(info.class_names))
     for weight in weights:
         model.load_state_dict(mix_states(start, tuned, weight))
         metrics, _ = evaluate_detector(
             model,
-            PostProcessor(len(info.class_names)),
+            postprocessor,
             loader,
             torch.device(device),
             dataset.category_ids,

@@ -86,7 +86,7 @@ class InferenceModel:
         return tensor.as_subclass(Tensor)
 
 
-def _phase_model(checkpoint: PhaseCheckpoint, path: str | Path) -> DEIM | MultimodalDetector:
+def phase_model(checkpoint: PhaseCheckpoint, path: str | Path) -> DEIM | MultimodalDetector:
     """The detector (and the text fusion it was trained with, its embeddings a constant) with the EMA weights."""
     detector_state, fusion_state = checkpoint.weights()
     info = checkpoint.info
@@ -96,9 +96,17 @@ def _phase_model(checkpoint: PhaseCheckpoint, path: str | Path) -> DEIM | Multim
         if checkpoint.text_embeddings is None:
             raise CheckpointError(f"{path}: has text-fusion weights but no text embeddings to rebuild the fusion with")
         text = TextEmbeddings.from_dict(checkpoint.text_embeddings)
+        if text.class_names != list(info.class_names):
+            raise CheckpointError(f"{path}: its text embeddings describe other classes than its detector's")
+        try:
+            num_heads = int(info.config["fusion"]["num_heads"])
+        except (KeyError, TypeError, ValueError):
+            raise CheckpointError(
+                f"{path}: its config has no fusion.num_heads (not written by train_progressive.py?)"
+            ) from None
         # The classifier's presence is read from the weights: they decide which modules must exist.
         text_aware = any(key.startswith("text_classifier.") for key in fusion_state)
-        model = attach_text(detector, text.embeddings, int(info.config["fusion"]["num_heads"]), text_aware)
+        model = attach_text(detector, text.embeddings, num_heads, text_aware)
     load_weights(model, detector_state, fusion_state, str(path))
     return model
 
@@ -112,7 +120,7 @@ def load_for_inference(path: str | Path, class_names: Sequence[str] | None = Non
     data = read_checkpoint(path)
     if is_phase_checkpoint(data):
         checkpoint = PhaseCheckpoint.from_dict(data, path)
-        model, info = _phase_model(checkpoint, path), checkpoint.info
+        model, info = phase_model(checkpoint, path), checkpoint.info
         names, image_size, category_ids = list(info.class_names), info.image_size, list(info.category_ids)
     else:
         state_dict, _ = detector_state_dict(data, path)

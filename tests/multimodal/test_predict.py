@@ -2,6 +2,7 @@
 equal to the PyTorch post-processing, drawn PNGs, skipped unreadable files and one-line errors."""
 
 import contextlib
+import copy
 import io
 import json
 from pathlib import Path
@@ -149,6 +150,19 @@ def test_training_checkpoint_with_fusion_but_no_text_embeddings_is_a_checkpoint_
     torch.save(checkpoint, tmp_path / "no_text.pth")
     with pytest.raises(CheckpointError, match=r"no_text\.pth: has text-fusion weights but no text embeddings"):
         load_for_inference(tmp_path / "no_text.pth")
+
+
+def test_training_checkpoint_with_foreign_text_or_no_fusion_config_is_a_checkpoint_error(checkpoints, tmp_path):
+    original = torch.load(checkpoints["paths"]["phase2"], weights_only=True)
+    foreign = copy.deepcopy(original)
+    foreign["text_embeddings"]["class_names"] = list(reversed(foreign["text_embeddings"]["class_names"]))
+    torch.save(foreign, tmp_path / "foreign.pth")
+    with pytest.raises(CheckpointError, match=r"foreign\.pth: its text embeddings describe other classes"):
+        load_for_inference(tmp_path / "foreign.pth")
+    del original["config"]["fusion"]
+    torch.save(original, tmp_path / "no_fusion.pth")
+    with pytest.raises(CheckpointError, match=r"no_fusion\.pth: its config has no fusion\.num_heads"):
+        load_for_inference(tmp_path / "no_fusion.pth")
 
 
 def test_official_checkpoint_loads_ema_weights_with_guessed_variant_and_generic_names(reference_dir):

@@ -68,3 +68,20 @@ def test_evaluate_with_text_adds_the_measurements_only_for_a_text_model():
     result = evaluate_with_text(model, lambda: {"AP": 0.5}, reliance=True)
     assert set(result["text"]) == {"added_signal", "classifier_bias", "reliance"}
     assert result["text"]["reliance"]["permuted"] == 0.0  # the stand-in metric does not look at the model
+
+
+def test_text_reliance_evaluates_the_deranged_and_the_mean_text_and_sees_an_opened_fusion_use_it():
+    model = model_with_text(opened=True)
+    images = torch.rand(1, 3, 160, 160, generator=torch.Generator().manual_seed(3))
+    text, seen = model.text_embeddings.clone(), []
+
+    def score() -> float:
+        seen.append(model.text_embeddings.clone())
+        with torch.no_grad():
+            return float(model(images)["pred_logits"].sum())
+
+    reliance = text_reliance(model, score(), score)
+    mean = F.normalize(text.mean(dim=0, keepdim=True), dim=-1).expand_as(text)
+    assert torch.equal(seen[1], text[derangement(len(text))]) and torch.equal(seen[2], mean)
+    assert reliance["mean"] != 0.0  # an opened fusion: the detections follow the text's content
+    assert torch.equal(model.text_embeddings, text)
