@@ -2,7 +2,6 @@
 
 Precedence: dataclass defaults < YAML < ``--set``. An unknown key is an error naming the closest valid key; a value of
 the wrong type or outside its range is an error naming the key. YAML holds values only; structure lives in Python.
-No torch here: ``train_progressive.py --help`` and ``--print-config`` read this module only.
 """
 
 import dataclasses
@@ -15,10 +14,8 @@ from pathlib import Path
 import yaml
 
 from deim_lib.errors import UserError
+from deim_lib.variants import VARIANTS
 from multimodal.phase_table import PART_NAMES, PHASES, PhaseRule
-
-# Kept in sync with deim_lib.variants.VARIANTS by a test; listed here so that validation needs no torch.
-VARIANT_NAMES = ("atto", "femto", "pico", "n", "s", "m", "l", "x", "hgnetv2_s", "hgnetv2_m", "hgnetv2_l", "hgnetv2_x")
 
 
 class ConfigError(UserError):
@@ -281,7 +278,7 @@ def validate(config: TrainConfig) -> None:
     for rule in PHASES:
         _validate_phase(config, rule)
     model, data, monitor, text = config.model, config.data, config.monitor, config.text_encoder
-    _one_of("model.variant", model.variant, VARIANT_NAMES)
+    _one_of("model.variant", model.variant, tuple(VARIANTS))
     if model.image_size is not None and (model.image_size < 32 or model.image_size % 32):
         raise ConfigError(f"model.image_size: {model.image_size} must be a positive multiple of 32")
     _one_of("monitor.best_metric", monitor.best_metric, ("AP", "AP50"))

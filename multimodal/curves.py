@@ -40,7 +40,6 @@ def plot_curves(
             f"phase {phase}", (middle, 0.99), xycoords=("data", "axes fraction"), ha="center", va="top", fontsize=8
         )
         label.set_in_layout(False)
-    top.set_xlim(0.5, len(records) + 0.5)  # half an epoch of room at each end: a one-epoch phase keeps its label
     if base is not None:
         top.axhline(base[0], color="black", linestyle="--", linewidth=1, label=f"base AP {base[0]:.4f}")
         top.axhline(base[1], color="black", linestyle=":", linewidth=1, label=f"base AP50 {base[1]:.4f}")

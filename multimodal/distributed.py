@@ -68,10 +68,6 @@ def wrap_distributed(model: nn.Module, device: torch.device, world_size: int, fi
     return nn.parallel.DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=find_unused)
 
 
-def is_main_process() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
 def barrier() -> None:
     if dist.is_initialized():
         dist.barrier()

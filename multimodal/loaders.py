@@ -54,7 +54,8 @@ def prepare_synthetic_data(data: DataConfig) -> bool:
             return False
     except (OSError, ValueError, KeyError):
         pass  # missing or unreadable: generate
-    shutil.rmtree(data.synthetic_dir, ignore_errors=True)
+    for generated in ("images", "annotations"):  # only what the generator writes: the folder may hold other files
+        shutil.rmtree(Path(data.synthetic_dir) / generated, ignore_errors=True)
     num_train, num_val = data.synthetic_images
     generate(data.synthetic_dir, seed=data.synthetic_seed, num_train=num_train, num_val=num_val)
     return True

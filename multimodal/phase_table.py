@@ -76,8 +76,3 @@ PHASES = (
     ),
 )
 PHASE_INDICES = tuple(rule.index for rule in PHASES)
-LAST_PHASE = PHASES[-1].index
-
-
-def phase_rule(index: int) -> PhaseRule:
-    return PHASES[index]

@@ -3,9 +3,7 @@
 import pytest
 import yaml
 
-from deim_lib.variants import VARIANTS
 from multimodal.config import (
-    VARIANT_NAMES,
     ConfigError,
     TrainConfig,
     changed_values,
@@ -26,10 +24,6 @@ def test_phase_defaults_come_from_the_phase_table():
         phase = config.phase(rule.index)
         assert (tuple(phase.trainable), phase.lr, phase.weight_decay) == (rule.trainable, rule.lr, rule.weight_decay)
         assert (phase.augmentation, phase.epochs) == (rule.augmentation, rule.epochs)
-
-
-def test_the_variant_list_matches_the_library():
-    assert tuple(VARIANTS) == VARIANT_NAMES
 
 
 def test_printed_yaml_loads_back_to_the_same_config(tmp_path):
