@@ -75,7 +75,7 @@ def _spread(values: list[float], digits: int = 4, sign: bool = False) -> str:
 def summary_rows(runs: dict[str, list[dict]]) -> list[str]:
     lines = [
         "| run | seeds | epochs | base AP | final AP | best AP | lowest AP | ΔAP | final AP50 | ΔAP50 | "
-        "largest class drop | largest class gain | wall time |",
+        "lowest class ΔAP | highest class ΔAP | wall time |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, seeds in runs.items():

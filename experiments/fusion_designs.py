@@ -92,17 +92,13 @@ class CosineClassifier(nn.Module):
         return self.scale * queries @ F.normalize(text, dim=-1).to(queries.dtype).T
 
 
-def _level(factory):
-    return lambda channels, text_dim, num_heads: factory(channels, text_dim, num_heads)
-
-
 # name → (fusion level class, text-aware classifier class or None for no classifier)
 DESIGNS = {
     "gate": (GatedAttention, None),
-    "gate_channel": (_level(lambda c, t, h: GatedAttention(c, t, h, per_channel=True)), None),
-    "gate_lr100": (_level(lambda c, t, h: GatedAttention(c, t, h, gain=100.0)), None),
+    "gate_channel": (lambda c, t, h: GatedAttention(c, t, h, per_channel=True), None),
+    "gate_lr100": (lambda c, t, h: GatedAttention(c, t, h, gain=100.0), None),
     "zero_output": (ZeroOutputAttention, None),
-    "zero_output_scaled": (_level(lambda c, t, h: ZeroOutputAttention(c, t, h, scale=1 / math.sqrt(c))), None),
+    "zero_output_scaled": (lambda c, t, h: ZeroOutputAttention(c, t, h, scale=1 / math.sqrt(c)), None),
     "centred": (CentredUnscaled, None),
     "centred_scaled": (multimodal.fusion.LevelFusion, None),  # the package's design
     "gate+cosine_classifier": (GatedAttention, CosineClassifier),
@@ -113,8 +109,8 @@ DESIGNS = {
 def run(design: str, seed: int, out: Path, config: str, threads: int) -> Path:
     level, classifier = DESIGNS[design]
     directory = out / f"{design}_s{seed}"
-    if (directory / "phase1_last.pth").is_file():
-        return directory  # done before
+    if (directory / "wall_seconds.txt").is_file():
+        return directory  # finished before (written last; phase1_last.pth exists after every epoch)
     multimodal.fusion.LevelFusion = level  # looked up by MultimodalFusionModule when it builds its levels
     if classifier is not None:
         multimodal.model.TextAwareClassifier = classifier  # looked up by attach_text

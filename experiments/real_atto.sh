@@ -16,11 +16,12 @@ export OMP_NUM_THREADS=${THREADS:-2}
 data=(--set data.train_images=../shared/datasets --set data.train_annotations=data/coco_train208.json)
 seeds=("$@")
 
-$python experiments/merge_coco.py --root ../shared/datasets --output data/coco_train208.json \
+# The shared inputs are written once: a second copy of this script must not rewrite them under the first one.
+[ -f data/coco_train208.json ] || $python experiments/merge_coco.py --root ../shared/datasets --output data/coco_train208.json \
     coco-tiny/train2017=coco-tiny/annotations/instances_train2017.json \
     coco128/train2017=coco128/annotations/instances_train2017.json
 # Random class embeddings (every row is normalised, so of the same norm as CLIP's): the value of the text's meaning.
-$python -c "import numpy as np; np.save('data/random_text_80x512.npy', np.random.default_rng(0).standard_normal((80, 512)).astype('float32'))"
+[ -f data/random_text_80x512.npy ] || $python -c "import numpy as np; np.save('data/random_text_80x512.npy', np.random.default_rng(0).standard_normal((80, 512)).astype('float32'))"
 
 train() {  # train RUN SEED PHASE ARGS...: one phase into runs/real_atto/RUN_sSEED, skipped when done before
   local run=$1 seed=$2 phase=$3
