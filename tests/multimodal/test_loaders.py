@@ -17,3 +17,12 @@ def test_the_synthetic_dataset_is_regenerated_when_the_config_asks_for_another(t
     assert prepare_synthetic_data(
         DataConfig(synthetic_dir=data.synthetic_dir, synthetic_images=[4, 2], synthetic_seed=1)
     )
+
+
+def test_regenerating_the_synthetic_dataset_keeps_other_files_in_its_folder(tmp_path):
+    data = DataConfig(synthetic_dir=str(tmp_path), synthetic_images=[2, 1])
+    (tmp_path / "notes.txt").write_text("mine")
+    assert prepare_synthetic_data(data)
+    assert prepare_synthetic_data(DataConfig(synthetic_dir=str(tmp_path), synthetic_images=[3, 1]))
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    assert len(list(data_paths(data)["train_images"].iterdir())) == 3
