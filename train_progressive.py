@@ -271,7 +271,7 @@ def train_epochs(
                 )
             earlier_best, progress.best_metric = None, score
             save(setup, run, progress, "best")
-        run.log(format_epoch(record, phase.epochs, stats, progress.state.nonfinite_total))
+        run.log(format_epoch(record, phase.epochs, progress.state.nonfinite_total))
         if distributed.broadcast_object(run.context.is_main and monitor.exceeded(record)):
             run.log(f"warning: AP {metrics['AP']:.4f} is more than max_ap_drop {monitor.max_ap_drop} below the base")
             if run.config.monitor.on_drop == "stop":

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
+from deim_lib.cli import HelpFormatter, report
 from deim_lib.errors import UserError
 
 METRIC_NAMES = ("AP", "AP50", "AP75", "APs", "APm", "APl", "AR1", "AR10", "AR100", "ARs", "ARm", "ARl")
@@ -184,7 +185,9 @@ def _percent(value: float) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description="COCO bbox metrics of a detections file.")
+    parser = argparse.ArgumentParser(
+        description="COCO bbox metrics of a detections file.", formatter_class=HelpFormatter
+    )
     parser.add_argument("--ann", type=Path, required=True, help="ground-truth COCO instances JSON")
     parser.add_argument("--detections", type=Path, required=True, help="COCO results JSON (list of detections)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of a table")
@@ -193,8 +196,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         coco_gt = load_ground_truth(args.ann)
         detections = load_detections(args.detections, coco_gt)
     except EvaluationInputError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        return report(error)
     metrics = coco_metrics(coco_gt, detections)
     print(json.dumps(metrics) if args.json else format_table(metrics))
     return 0

@@ -72,19 +72,19 @@ def _spread(values: list[float], digits: int = 4, sign: bool = False) -> str:
     return text if len(values) < 2 else f"{text} ± {statistics.stdev(values):.{digits}f}"
 
 
-def summary_rows(runs: dict[str, list[dict]]) -> list[str]:
+def summary_rows(figures_by_run: dict[str, list[dict]]) -> list[str]:
+    """One markdown row per run from its seeds' ``seed_figures``."""
     lines = [
         "| run | seeds | epochs | base AP | final AP | best AP | lowest AP | ΔAP | final AP50 | ΔAP50 | "
         "lowest class ΔAP | highest class ΔAP | wall time |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for name, seeds in runs.items():
-        figures = [seed_figures(seed) for seed in seeds]
+    for name, figures in figures_by_run.items():
         column = {key: [f[key] for f in figures] for key in figures[0]}
         worst = min(column["worst_class"], key=lambda item: item[1])
         best = max(column["best_class"], key=lambda item: item[1])
         lines.append(
-            f"| {name} | {len(seeds)} | {figures[0]['epochs']} | {_spread(column['base_AP'])} "
+            f"| {name} | {len(figures)} | {figures[0]['epochs']} | {_spread(column['base_AP'])} "
             f"| {_spread(column['final_AP'])} | {_spread(column['best_AP'])} | {_spread(column['lowest_AP'])} "
             f"| {_spread(column['delta_AP'], sign=True)} "
             f"| {_spread(column['final_AP50'])} | {_spread(column['delta_AP50'], sign=True)} "
@@ -137,8 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     for spec in args.run:
         name, _, directories = spec.partition("=")
         runs[name] = [read_run(Path(directory)) for directory in directories.split(",")]
-    print("\n".join(summary_rows(runs)))
     record = {name: [seed_figures(seed) for seed in seeds] for name, seeds in runs.items()}
+    print("\n".join(summary_rows(record)))
     if args.wise_ft:
         curves = [json.loads((Path(d) / "curve.json").read_text()) for d in args.wise_ft.split(",")]
         print("\nWiSE-FT (AP of each mix on the validation set):\n\n" + "\n".join(wise_ft_rows(curves)))

@@ -329,8 +329,9 @@ class ForgettingMonitor:
             plot_curves(records, base, self.max_ap_drop, self.output_dir / "curves.png", self.lineage[-1])
 
 
-def format_epoch(record: dict, epochs: int, train_stats: dict, nonfinite_steps: int) -> str:
+def format_epoch(record: dict, epochs: int, nonfinite_steps: int) -> str:
     """The log line of one epoch's record."""
+    train_stats = record["train"]
     line = f"phase {record['phase']} epoch {record['epoch']}/{epochs}: loss {train_stats.get('loss', float('nan')):.4f}"
     line += f"  AP {record['AP']:.4f}  AP50 {record['AP50']:.4f}"
     if "delta_AP" in record:

@@ -239,13 +239,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConversionError as error:
         return report(error)
     print(_summary(coco))
-    if args.val_fraction is None:
-        _write_json(coco, args.output)
-        print(f"{args.output}: {len(coco['images'])} images, {len(coco['annotations'])} boxes")
-        return 0
-    train, val = split(coco, args.val_fraction, args.seed)
-    for name, subset in (("train", train), ("val", val)):
-        path = args.output.with_name(f"{args.output.stem}_{name}.json")
+    outputs = [(args.output, coco)]
+    if args.val_fraction is not None:
+        subsets = zip(("train", "val"), split(coco, args.val_fraction, args.seed), strict=True)
+        outputs = [(args.output.with_name(f"{args.output.stem}_{name}.json"), subset) for name, subset in subsets]
+    for path, subset in outputs:
         _write_json(subset, path)
         print(f"{path}: {len(subset['images'])} images, {len(subset['annotations'])} boxes")
     return 0
