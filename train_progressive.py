@@ -74,14 +74,14 @@ from tqdm import tqdm
 
 from deim_lib import PostProcessor, build_detector
 from deim_lib.checkpoint import load_detector_state
-from deim_lib.cli import report
+from deim_lib.cli import make_output_dir, report
 from deim_lib.data.dataset import CocoDetection
 from deim_lib.errors import UserError
 from deim_lib.evaluate import evaluate_detector
 from deim_lib.variants import Variant, get_variant
 from multimodal import distributed, loaders
 from multimodal.config import ConfigError, TrainConfig, changed_values, config_to_dict, config_to_yaml, load_config
-from multimodal.files import file_sha256, prepare_output_dir, remove_stale_temporaries
+from multimodal.files import file_sha256, remove_stale_temporaries
 from multimodal.model import MultimodalDetector, attach_text, load_weights
 from multimodal.monitor import ForgettingMonitor, format_epoch, machine
 from multimodal.optimization import lr_factor, set_lr
@@ -349,9 +349,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"data.batch_size {config.data.batch_size} is the global batch and must divide evenly "
                 f"over the {context.world_size} processes"
             )
-        output_dir = prepare_output_dir(args.output_dir)
-        if context.is_main and remove_stale_temporaries(output_dir):
-            tqdm.write(f"removed the temporary files of an interrupted write in {output_dir}")
+        output_dir = make_output_dir(args.output_dir, "--output-dir")
+        stale = remove_stale_temporaries(output_dir) if context.is_main else []
+        if stale:
+            tqdm.write(f"removed the temporaries of writes a killed run left: {', '.join(path.name for path in stale)}")
         # --phase all runs phases 0 → 3, or from the phase of the --resume file on.
         first = None if args.phase == "all" and args.resume else (0 if args.phase == "all" else int(args.phase))
         start = resolve_start(first, config, output_dir, args.resume, args.init, args.eval_only)

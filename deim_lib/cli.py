@@ -3,8 +3,9 @@
 import argparse
 import os
 import sys
+from pathlib import Path
 
-from deim_lib.errors import UserError, one_line
+from deim_lib.errors import OutputError, UserError, one_line
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter):
@@ -21,3 +22,20 @@ def report(error: UserError) -> int:
     if os.environ.get("RANK", "0") == "0":
         print(f"error: {one_line(error)}", file=sys.stderr)
     return 2
+
+
+def make_output_dir(path: str | Path, flag: str) -> Path:
+    """Create the folder ``path`` (given as ``flag``); a file in the way, or a folder that cannot be created or written,
+    is a one-line error naming both, before any work starts."""
+    path = Path(path)
+    blocking = next((part for part in (path, *path.parents) if part.exists() and not part.is_dir()), None)
+    if blocking is not None:
+        raise OutputError(f"{flag} {path}: {blocking} is a file, not a folder; pass another {flag}")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        reason = error.strerror or type(error).__name__
+        raise OutputError(f"{flag} {path}: cannot create the folder ({reason}); pass another {flag}") from None
+    if not os.access(path, os.W_OK):
+        raise OutputError(f"{flag} {path}: the folder is not writable; pass another {flag}")
+    return path

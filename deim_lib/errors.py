@@ -29,3 +29,7 @@ def one_line(error: BaseException) -> str:
 
 class CheckpointError(UserError):
     """A checkpoint or weights file that cannot be used; the message names the file and the fix."""
+
+
+class OutputError(UserError):
+    """An output folder or file that cannot be written; the message names it and what is intact."""

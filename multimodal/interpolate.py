@@ -27,14 +27,14 @@ import torch
 from torch import Tensor
 
 from deim_lib.checkpoint import detector_state_dict, read_checkpoint
-from deim_lib.cli import HelpFormatter, report
+from deim_lib.cli import HelpFormatter, make_output_dir, report
 from deim_lib.errors import CheckpointError, UserError
 from deim_lib.evaluate import evaluate_detector
 from deim_lib.postprocessor import PostProcessor
 from deim_lib.variants import get_variant
 from multimodal import loaders
 from multimodal.config import ConfigError, config_from_values, load_config
-from multimodal.files import atomic_write, atomic_write_text, prepare_output_dir
+from multimodal.files import atomic_write, atomic_write_text
 from multimodal.model import MultimodalDetector, split_state
 from multimodal.phase_checkpoint import (
     PhaseCheckpoint,
@@ -181,7 +181,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.base,
             args.finetuned,
             args.weights,
-            prepare_output_dir(args.output),
+            make_output_dir(args.output, "--output"),
             args.config,
             args.choose,
             args.device,
