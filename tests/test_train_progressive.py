@@ -494,14 +494,18 @@ def test_ddp_prefixed_and_bare_state_dicts_load_as_init(tmp_path, config, base, 
 def test_stale_temporaries_are_removed_and_checkpoints_are_world_readable(tmp_path, config, base, capsys):
     out = tmp_path / "out"
     out.mkdir()
-    (out / ".phase1_last.pth.abc123.tmp").write_bytes(b"half")
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    leftover = f".phase1_last.pth.writing-{dead.pid}-abc123.tmp"
+    (out / leftover).write_bytes(b"half")
+    (out / ".notes.tmp").write_text("the user's own")
     old_mask = os.umask(0o022)
     try:
         code, stdout, _ = run(capsys, "--config", config, "--output-dir", out, "--phase", "1", "--init", base)
     finally:
         os.umask(old_mask)
-    assert code == 0 and "removed the temporary files of an interrupted write" in stdout
-    assert not list(out.glob(".*.tmp"))
+    assert code == 0 and f"removed the temporaries of writes a killed run left: {leftover}" in stdout
+    assert [path.name for path in out.glob(".*.tmp")] == [".notes.tmp"]
     for name in ("phase1_last.pth", "phase1_best.pth", "baseline.json", "report.md", "curves.png"):
         assert (out / name).stat().st_mode & 0o777 == 0o644, name
 

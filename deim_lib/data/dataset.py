@@ -25,6 +25,8 @@ logger = logging.getLogger(__name__)
 
 # Error messages list at most this many offending ids / names so they stay one line.
 _MAX_LISTED = 5
+# Image headers read at start-up to compare with the file's width/height: enough to catch a wrong tool, cheap for 100k.
+_SIZES_CHECKED = 200
 _REQUIRED_ANNOTATION_KEYS = ("id", "image_id", "category_id", "bbox")
 
 
@@ -76,6 +78,7 @@ class CocoDetection(torch.utils.data.Dataset):
                 f"{self.class_names}; pass the dataset's names in category-id order or fix the configuration"
             )
         self._check_image_files()
+        self._report_wrong_image_sizes()
         self._report_degenerate_boxes()
 
     def set_epoch(self, epoch: int) -> None:
@@ -136,6 +139,33 @@ class CocoDetection(torch.utils.data.Dataset):
             raise DatasetError(
                 f"{self.images_dir}: {len(missing)} image files listed in {self.annotation_file.name} are missing "
                 f"(first: {missing[:_MAX_LISTED]}); copy the images or fix images_dir"
+            )
+
+    def _report_wrong_image_sizes(self) -> None:
+        """Warn once when the file's width/height disagree with the images' (targets always use the real size)."""
+        step = max(1, len(self.image_ids) // _SIZES_CHECKED)
+        checked = self.image_ids[::step][:_SIZES_CHECKED]
+        wrong = []
+        for image_id in checked:
+            entry = self.coco.imgs[image_id]
+            try:
+                with Image.open(self.images_dir / entry["file_name"]) as image:  # reads the header only
+                    size = image.size
+            except (OSError, ValueError):
+                continue  # an unreadable image is reported, with its path, when it is loaded
+            if size != (entry["width"], entry["height"]):
+                wrong.append((entry["file_name"], (entry["width"], entry["height"]), size))
+        if wrong:
+            name, listed, real = wrong[0]
+            logger.warning(
+                "%s: %d of %d images checked have another width/height than the file says (e.g. %s: %s in the file, "
+                "%s in the image); training uses the real sizes; fix the file, other tools trust it",
+                self.annotation_file,
+                len(wrong),
+                len(checked),
+                name,
+                "×".join(map(str, listed)),
+                "×".join(map(str, real)),
             )
 
     def _report_degenerate_boxes(self) -> None:

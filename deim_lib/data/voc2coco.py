@@ -8,7 +8,8 @@ COCO's continuous coordinates. A VOC box (xmin, ymin, xmax, ymax) becomes COCO [
 [xmin − 1, ymin − 1, xmax − xmin + 1, ymax − ymin + 1], clipped to the image; ``area`` is w·h (VOC has no masks).
 Class names are sorted alphabetically and numbered 1..K, or follow ``--classes`` when it is given: then any other name
 in an XML file is an error naming the file (a misspelt class must not become a category of its own and renumber the
-others). Without ``--classes``, a class that only a handful of files use while a similar name is common is reported.
+others). Without ``--classes``, a class found in one file only, or with under a tenth of the median class's objects,
+is reported with a file that uses it.
 
 Command line::
 
@@ -36,6 +37,7 @@ from deim_lib.cli import HelpFormatter, report
 from deim_lib.errors import UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+RARE_CLASS_FRACTION = 0.1  # a class with fewer objects than this share of the median class is reported
 
 
 class ConversionError(UserError):
@@ -104,14 +106,20 @@ def _check_class_names(parsed: dict, pairs: dict, class_names: Sequence[str] | N
                 )
         return list(class_names)
     names = sorted(files_of)
+    objects_of = Counter(name for objects, _ in parsed.values() for name, _ in objects)
+    typical = float(np.median([objects_of[name] for name in names]))
     for name in names:
-        common = [other for other in names if other != name and len(files_of[other]) >= 10 * len(files_of[name])]
-        close = difflib.get_close_matches(name, common, n=1, cutoff=0.75)
-        if close:
-            warn(
-                f"warning: class {name!r} appears in {len(files_of[name])} file(s) (e.g. {files_of[name][0]}), "
-                f"{close[0]!r} in {len(files_of[close[0]])}: a misspelling? pass --classes to fix the class list"
-            )
+        files = files_of[name]
+        rare = len(names) > 1 and objects_of[name] < RARE_CLASS_FRACTION * typical
+        if len(files) > 1 and not rare:
+            continue
+        close = difflib.get_close_matches(name, [other for other in names if other != name], n=1, cutoff=0.6)
+        hint = f"a misspelling of {close[0]!r}? " if close else ""
+        where = f"only in {files[0]}" if len(files) == 1 else f"in {len(files)} files (e.g. {files[0]})"
+        warn(
+            f"warning: class {name!r} has {objects_of[name]} object(s), {where}, against a median of {typical:g} per "
+            f"class: {hint}pass --classes to fix the class list"
+        )
     return names
 
 

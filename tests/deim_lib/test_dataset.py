@@ -177,3 +177,20 @@ def test_class_names_that_differ_from_the_categories_list_both(tmp_path):
     with pytest.raises(DatasetError, match=r"\['bolt', 'gear', 'nut'\] differ .* \['bolt', 'nut', 'gear'\]"):
         CocoDetection(tmp_path, path, class_names=["bolt", "gear", "nut"])
     assert CocoDetection(tmp_path, path, class_names=("bolt", "nut", "gear")).class_names == ["bolt", "nut", "gear"]
+
+
+def test_sizes_the_file_gets_wrong_are_reported_once_and_the_real_size_is_used(tmp_path, caplog):
+    images = [_image(1), _image(2), _image(3)]
+    path = _write_dataset(tmp_path, images, [_box(1, 2, 3, [30, 20, 20, 20])], CATEGORIES)
+    content = json.loads(path.read_text())
+    for entry in content["images"][1:]:
+        entry["width"], entry["height"] = 512, 512  # the real images are 40 × 30
+    path.write_text(json.dumps(content))
+    with caplog.at_level(logging.WARNING, logger="deim_lib.data.dataset"):
+        dataset = CocoDetection(tmp_path, path)
+    messages = [record.getMessage() for record in caplog.records]
+    assert len(messages) == 1
+    assert messages[0].startswith(f"{path}: 2 of 3 images checked have another width/height than the file says")
+    assert "(e.g. 2.png: 512×512 in the file, 40×30 in the image)" in messages[0]
+    target = dataset[1][1]
+    assert target["orig_size"].tolist() == [40, 30] and target["boxes"].tolist() == [[30.0, 20.0, 40.0, 30.0]]

@@ -74,8 +74,13 @@ def test_unpaired_files_and_unusable_objects_are_skipped_and_reported(tmp_path, 
     (xmls / "b.xml").write_text(_voc_xml([("rust", (30, 20, 60, 50))]))  # clipped to the 40×30 image
     (xmls / "orphan.xml").write_text(_voc_xml([("dent", (1, 1, 2, 2))]))
 
-    coco = convert(images, xmls)
+    warnings = []
+    coco = convert(images, xmls, warn=warnings.append)
 
+    assert [line.split(",")[0] for line in warnings] == [  # each class is in one file only
+        "warning: class 'dent' has 1 object(s)",
+        "warning: class 'rust' has 1 object(s)",
+    ]
     assert [img["file_name"] for img in coco["images"]] == ["a.png", "b.png"]
     assert [(c["id"], c["name"]) for c in coco["categories"]] == [(1, "dent"), (2, "rust")]
     assert [(a["image_id"], a["category_id"], a["bbox"]) for a in coco["annotations"]] == [
@@ -119,7 +124,10 @@ def test_a_misspelt_class_is_an_error_with_classes_and_a_warning_without(tmp_pat
     warnings = []
     coco = convert(images, xmls, warn=warnings.append)
     assert [c["name"] for c in coco["categories"]] == ["pit", "scrach", "scratch"]
-    assert len(warnings) == 1 and "'scrach' appears in 1 file(s) (e.g. 0.xml), 'scratch' in 10" in warnings[0]
+    assert warnings == [
+        "warning: class 'scrach' has 1 object(s), only in 0.xml, against a median of 10 per class: a misspelling of "
+        "'scratch'? pass --classes to fix the class list"
+    ]
     arguments = ["--images", str(images), "--annotations", str(xmls), "--output", str(tmp_path / "o.json")]
     assert main([*arguments, "--classes", "scratch,pit"]) == 2
     assert (
@@ -190,3 +198,27 @@ def test_cli_split_writes_train_and_val_files(neu_dir, tmp_path):
     assert not output.exists()
     assert len(train["images"]) + len(val["images"]) == 1560
     assert 150 <= len(val["images"]) <= 162
+
+
+def test_a_class_unlike_any_other_is_reported_when_rare_or_in_one_file(tmp_path):
+    images, xmls = tmp_path / "img", tmp_path / "xml"
+    images.mkdir()
+    xmls.mkdir()
+    for index in range(40):
+        Image.new("RGB", (40, 30)).save(images / f"{index}.png")
+        objects = [("scratch", (1, 1, 20, 20)), ("pit", (5, 5, 9, 9))]
+        objects += [("dent", (2, 2, 8, 8))] if index == 7 else []
+        objects += [("crack", (3, 3, 9, 9))] if index in (3, 4) else []
+        (xmls / f"{index}.xml").write_text(_voc_xml(objects))
+    warnings = []
+    convert(images, xmls, warn=warnings.append)
+    assert len(warnings) == 2
+    assert warnings[0].startswith("warning: class 'crack' has 2 object(s), in 2 files (e.g. 3.xml), against a median")
+    assert warnings[1].startswith("warning: class 'dent' has 1 object(s), only in 7.xml, against a median of 21 per")
+    assert "pass --classes" in warnings[1]
+
+
+def test_neu_det_converts_without_a_class_warning(neu_dir):
+    warnings = []
+    convert(neu_dir / "images", neu_dir / "annotations", warn=warnings.append)
+    assert warnings == []
