@@ -16,10 +16,13 @@ import hashlib
 import importlib.util
 import json
 import logging
+import os
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -120,6 +123,38 @@ class FrozenTextModel(nn.Module):
         return F.normalize(means, dim=-1).cpu()
 
 
+def _check_weights_reachable(model_name: str, pretrained: str | None) -> None:
+    """A weights tag that is not downloaded yet needs the Hugging Face hub: without a network, say so at once (the hub
+    client would otherwise retry for more than a minute before failing)."""
+    import open_clip
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    config = open_clip.get_pretrained_cfg(model_name, pretrained) if pretrained else {}
+    if not config.get("hf_hub"):  # an unknown tag (open_clip names it) or weights fetched from a plain URL
+        return
+    repo, filename = os.path.split(config["hf_hub"])  # "org/model/" or "org/model/file", as open_clip reads it
+    names = [filename] if filename else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    if any(isinstance(try_to_load_from_cache(repo, name), str) for name in names):
+        return
+    fix = (
+        "run once with network access to download them, or set text_encoder.pretrained to a local weights file "
+        "(or text_encoder.precomputed to a [K, D] embeddings file)"
+    )
+    if constants.HF_HUB_OFFLINE:
+        raise TextEncoderError(
+            f"text_encoder.pretrained {pretrained!r}: the {model_name} weights are not in the Hugging Face cache and "
+            f"HF_HUB_OFFLINE is set; {fix}"
+        )
+    endpoint = urlparse(constants.ENDPOINT)
+    try:
+        socket.create_connection((endpoint.hostname, endpoint.port or 443), timeout=5).close()
+    except OSError as error:
+        raise TextEncoderError(
+            f"text_encoder.pretrained {pretrained!r}: the {model_name} weights are not downloaded yet and "
+            f"{endpoint.hostname} cannot be reached ({error.strerror or error}); {fix}"
+        ) from None
+
+
 class OpenClipTextEncoder(FrozenTextModel):
     """Frozen open_clip text tower. ``pretrained``: an open_clip tag ("openai", …), a local weights file, or None for
     random weights drawn from a fixed seed (identical on every build, so cached and fresh embeddings agree). The vision
@@ -132,6 +167,8 @@ class OpenClipTextEncoder(FrozenTextModel):
         # Names with a schema ("hf-hub:…", "local-dir:…") are resolved by open_clip itself.
         if ":" not in model_name and model_name not in open_clip.list_models():
             raise TextEncoderError(f"unknown open_clip model {model_name!r}; see open_clip.list_models() for the names")
+        if pretrained is not None and not os.path.isfile(pretrained):
+            _check_weights_reachable(model_name, pretrained)
         try:
             # The random init draws from torch's global generator; a forked, seeded one keeps that deterministic
             # without disturbing the caller's RNG stream.

@@ -4,6 +4,7 @@ precomputed embeddings."""
 import dataclasses
 import json
 
+import huggingface_hub
 import huggingface_hub.constants
 import numpy as np
 import open_clip
@@ -137,14 +138,32 @@ def test_cache_key_covers_backend_model_weights_content_prompts_templates_and_cl
     assert "sha256=" in weights_identity(MINILM)  # the weights file's content, not its name
 
 
-def test_offline_hub_tag_raises_one_line_error_with_the_fix(monkeypatch):
+@pytest.fixture
+def weights_not_downloaded(monkeypatch):
+    """No CLIP weights in the Hugging Face cache, and building the model (the hub client's retries) is an error."""
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda *args, **kwargs: None)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the hub client was reached")
+
+    monkeypatch.setattr(open_clip, "create_model", never)
+
+
+def test_offline_hub_tag_raises_one_line_error_with_the_fix_before_the_hub_client(monkeypatch, weights_not_downloaded):
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
     with pytest.raises(TextEncoderError) as info:
         OpenClipTextEncoder("ViT-B-32", pretrained="openai")
     message = str(info.value)
-    assert "\n" not in message and "'openai'" in message
-    assert "set text_encoder.pretrained to a local weights file, or null for random weights" in message
-    assert info.value.__cause__ is None and info.value.__suppress_context__
+    assert "\n" not in message and "'openai'" in message and "HF_HUB_OFFLINE is set" in message
+    assert "set text_encoder.pretrained to a local weights file" in message
+    assert info.value.__cause__ is None
+
+
+def test_an_unreachable_hub_is_said_at_once(monkeypatch, weights_not_downloaded):
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "http://127.0.0.1:9")  # the discard port: refused
+    with pytest.raises(TextEncoderError, match=r"not downloaded yet and 127\.0\.0\.1 cannot be reached"):
+        OpenClipTextEncoder("ViT-B-32", pretrained="openai")
 
 
 @pytest.mark.parametrize(("model_name", "pretrained"), [("ViT-B-32", "/no/such/weights.pt"), ("NoSuchModel", None)])
