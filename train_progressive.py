@@ -6,7 +6,7 @@ The backbone never trains after phase 0. Every phase starts from the previous ph
 
     python train_progressive.py --config configs/neu_det.yaml --phase 1 --init my_deimv2_defects.pth
     python train_progressive.py --config configs/neu_det.yaml --phase 2   # starts from checkpoints/phase1_best.pth
-    python train_progressive.py --config configs/neu_det.yaml --phase 2 --resume checkpoints/phase2_last.pth
+    python train_progressive.py --resume checkpoints/phase2_last.pth      # continues with the config it stored
     torchrun --nproc_per_node=4 train_progressive.py --config configs/neu_det.yaml --phase 1 --init base.pth
     python train_progressive.py --config configs/demo.yaml --phase all    # the CPU demo, phases 0 → 3
 """
@@ -33,28 +33,54 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description=__doc__, epilog=EPILOG.format(phases=phases), formatter_class=argparse.RawDescriptionHelpFormatter
     )
     add = parser.add_argument
-    add("--config", help="YAML file of config values (default: none, every value from multimodal/config.py)")
-    add("--phase", choices=[*map(str, PHASE_INDICES), "all"], help="phase to run; all: 0 → 3 (required)")
+    add(
+        "--config",
+        metavar="FILE",
+        help="YAML file of config values (default: none, every value from multimodal/config.py; with --resume, "
+        "the resumed run's own config, of which the file overrides the keys it gives)",
+    )
+    add(
+        "--phase",
+        choices=[*map(str, PHASE_INDICES), "all"],
+        help="phase to run; all: 0 → 3 (required unless --resume names it)",
+    )
     add(
         "--init",
         metavar="FILE",
         help="start the phase from these weights: an official DEIMv2 checkpoint or an "
         "earlier phase's checkpoint (default: phase{N-1}_best.pth in --output-dir, or model.weights)",
     )
-    add("--resume", metavar="FILE", help="continue the phase this phaseN_last.pth was written in (default: none)")
+    add(
+        "--resume",
+        metavar="FILE",
+        help="continue the phase this phaseN_last.pth was written in, with the config it stored (default: none)",
+    )
     add(
         "--output-dir",
-        default="checkpoints",
-        help="checkpoints, metrics and report, one base each (default: %(default)s)",
+        metavar="DIR",
+        help="checkpoints, metrics and report, one base each (default: checkpoints, or the folder of --resume)",
     )
     add("--device", choices=["cpu", "cuda"], help="default: cuda when available")
-    add("--seed", type=int, help="seed of data order and new weights (default: 0, or the resumed run's)")
+    add("--seed", type=int, metavar="N", help="seed of data order and new weights (default: 0, or the resumed run's)")
     add("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value (repeatable)")
     add("--eval-only", action="store_true", help="evaluate the weights the phase would start from, then exit")
+    add("--per-class", action="store_true", help="--eval-only: print the AP of every class too")
+    add(
+        "--text-reliance",
+        action="store_true",
+        help="--eval-only: also evaluate with permuted and with averaged class texts (two more passes)",
+    )
     add("--print-config", action="store_true", help="print the resolved config as YAML, then exit")
+    # The usage line says what is required: a phase, or a resume point that names one.
+    phase_choices = ",".join([*map(str, PHASE_INDICES), "all"])
+    parser.usage = (
+        f"%(prog)s (--phase {{{phase_choices}}} | --resume FILE) [--config FILE] [--init FILE] [--output-dir DIR]\n"
+        "       [--device {cpu,cuda}] [--seed N] [--set KEY=VALUE ...] [--eval-only [--per-class] [--text-reliance]]\n"
+        "       [--print-config] [-h]"
+    )
     args = parser.parse_args(argv)
-    if args.phase is None and not args.print_config:
-        parser.error("--phase is required (0, 1, 2, 3 or all)")
+    if args.phase is None and args.resume is None and not args.print_config:
+        parser.error("--phase is required (0, 1, 2, 3 or all), unless --resume FILE continues a phase")
     return args
 
 
@@ -63,6 +89,7 @@ if __name__ == "__main__":
 
 import json
 import random
+import shlex
 import time
 import uuid
 from dataclasses import dataclass
@@ -77,7 +104,7 @@ from deim_lib.checkpoint import load_detector_state
 from deim_lib.cli import make_output_dir, report
 from deim_lib.data.dataset import CocoDetection
 from deim_lib.errors import UserError
-from deim_lib.evaluate import evaluate_detector
+from deim_lib.evaluate import evaluate_detector, format_table
 from deim_lib.variants import Variant, get_variant
 from multimodal import distributed, loaders
 from multimodal.config import ConfigError, TrainConfig, changed_values, config_to_dict, config_to_yaml, load_config
@@ -85,9 +112,17 @@ from multimodal.files import file_sha256, remove_stale_temporaries
 from multimodal.model import MultimodalDetector, attach_text, load_weights
 from multimodal.monitor import ForgettingMonitor, format_epoch, machine
 from multimodal.optimization import lr_factor, set_lr
-from multimodal.phase_checkpoint import PhaseProgress, RunInfo, TrainingState, checkpoint_path, save_phase_checkpoint
+from multimodal.phase_checkpoint import (
+    PhaseProgress,
+    RunInfo,
+    TrainingState,
+    checkpoint_path,
+    read_phase_checkpoint,
+    save_phase_checkpoint,
+)
 from multimodal.phases import constant_parameters
-from multimodal.start import StartPoint, check_resumable, resolve_start
+from multimodal.start import StartPoint, check_resumable, resolve_start, resumed_config
+from multimodal.tensorboard_log import TensorBoardLog
 from multimodal.text_encoder import TextEmbeddings, class_embeddings
 from multimodal.text_usage import evaluate_with_text
 from multimodal.training import PhaseSetup, TrainingError, checkpoint_now, restore_phase, setup_phase, train_step
@@ -105,6 +140,7 @@ class Run:
     val_dataset: CocoDetection
     val_loader: torch.utils.data.DataLoader
     monitor: ForgettingMonitor
+    phases: list[int]  # the phases this invocation runs, in order
     text: TextEmbeddings | None = None  # set when the text fusion is attached (phase 1 on)
 
     def log(self, message: str) -> None:
@@ -112,14 +148,17 @@ class Run:
             tqdm.write(message)
 
 
-def train_one_epoch(setup: PhaseSetup, loader, run: Run, progress: PhaseProgress, bar) -> dict:
-    """One pass over ``loader``; ``progress.state`` advances in place. Returns the epoch's mean losses and speed."""
+def train_one_epoch(setup: PhaseSetup, loader, run: Run, progress: PhaseProgress, bar, board: TensorBoardLog) -> dict:
+    """One pass over ``loader``; ``progress.state`` advances in place. Returns the epoch's mean losses (over all of its
+    steps, those before a resume included), the LR at its end and the speed of this pass."""
     phase = run.config.phase(setup.index)
     state, total_steps = progress.state, phase.epochs * len(loader.batch_sampler)
-    sums, count, seen, start = {}, 0, 0, time.perf_counter()
+    device = run.context.device
+    sums = {name: torch.tensor(value, device=device) for name, value in state.epoch_loss_sums.items()}
+    seen, start, shown_loss = 0, time.perf_counter(), None
     for images, targets in loader:
-        images = images.to(run.context.device, non_blocking=True)
-        targets = [{k: v.to(run.context.device, non_blocking=True) for k, v in t.items()} for t in targets]
+        images = images.to(device, non_blocking=True)
+        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
         factor = lr_factor(
             state.step, total_steps, phase.warmup_iters, phase.scheduler, phase.flat_fraction, phase.min_lr_ratio
         )
@@ -136,19 +175,23 @@ def train_one_epoch(setup: PhaseSetup, loader, run: Run, progress: PhaseProgress
                     f"(monitor.max_nonfinite_steps); stopped, {kept_checkpoint(run, setup.index)} (lower the LR?)"
                 )
             continue
-        state.nonfinite_in_a_row, state.step, count = 0, state.step + 1, count + 1
+        state.nonfinite_in_a_row, state.step, state.epoch_steps_taken = 0, state.step + 1, state.epoch_steps_taken + 1
         seen += len(images) * run.context.world_size
         for name, value in (("loss", sum(losses.values())), *losses.items()):
             sums[name] = sums.get(name, 0.0) + value.detach()  # stays on the device: no sync per term
-        if count % 10 == 1:
-            bar.set_postfix(
-                loss=f"{float(sums['loss']) / count:.3f}", lr=f"{setup.optimizer.param_groups[0]['lr']:.1e}"
-            )
+        lr = setup.optimizer.param_groups[0]["lr"]
+        board.step(state.step, losses, lr)
+        if state.epoch_steps_taken % 10 == 1:  # the mean loss costs a host sync: every 10 steps; the LR is free
+            shown_loss = f"{float(sums['loss']) / state.epoch_steps_taken:.3f}"
+        bar.set_postfix(loss=shown_loss, lr=f"{lr:.1e}", refresh=False)
         if phase.checkpoint_every_steps and state.step % phase.checkpoint_every_steps == 0:
+            state.epoch_loss_sums = {name: float(value) for name, value in sums.items()}
             save(setup, run, progress, "last")
     seconds = time.perf_counter() - start
-    means = {name: float(value) / max(1, count) for name, value in sums.items()}
-    return means | {"images_per_s": seen / seconds, "seconds": seconds}
+    means = {name: float(value) / max(1, state.epoch_steps_taken) for name, value in sums.items()}
+    state.epoch_loss_sums, state.epoch_steps_taken = {}, 0
+    lr = setup.optimizer.param_groups[0]["lr"]
+    return means | {"lr": lr, "images_per_s": seen / seconds, "seconds": seconds}
 
 
 def kept_checkpoint(run: Run, index: int) -> str:
@@ -172,6 +215,23 @@ def evaluate(model, run: Run, reliance: bool = False) -> dict:
         )[0]
 
     return evaluate_with_text(model, coco, reliance)
+
+
+def format_evaluation(metrics: dict, per_class: bool) -> str:
+    """``--eval-only``'s table: COCO's summary metrics, the per-class AP when asked, and the text figures."""
+    summary, _, classes = format_table(metrics).partition("\n\n")
+    lines = [summary, *([classes] if per_class else [])]
+    text = metrics["text"]
+    if text:
+        lines.append(
+            "added signal per fusion level (fine → coarse): " + ", ".join(f"{r:.4f}" for r in text["added_signal"])
+        )
+    if "reliance" in text:
+        reliance = text["reliance"]
+        lines.append(
+            f"AP(real) − AP(permuted) {reliance['permuted']:+.4f}, AP(real) − AP(mean) {reliance['mean']:+.4f}"
+        )
+    return "\n".join(lines)
 
 
 def save(setup: PhaseSetup, run: Run, progress: PhaseProgress, kind: str, finished: bool = False) -> None:
@@ -224,15 +284,26 @@ def run_phase(index: int, model, constants: frozenset[int], start: StartPoint, r
         context.rank,
         context.world_size,
     )
+    steps = phase.epochs * data.batches_per_epoch
+    if phase.warmup_iters >= steps:
+        run.log(
+            f"warning: phase{index}.warmup_iters {phase.warmup_iters} is not shorter than the phase ({steps} steps): "
+            f"the LR never reaches phase{index}.lr {setup.lr:g}; lower warmup_iters or raise epochs"
+        )
     done = progress.state.epoch * data.batches_per_epoch + progress.state.batch
-    with tqdm(
-        total=phase.epochs * data.batches_per_epoch,
-        initial=done,
-        unit="step",
-        disable=not context.is_main,
-        dynamic_ncols=True,
-    ) as bar:
-        train_epochs(setup, run, data, progress, bar, fresh=start.resume is None)
+    resumed_at = progress.state.step if start.resume is not None else None
+    board = TensorBoardLog(
+        run.output_dir,
+        index,
+        run.config.monitor.log_every_steps,
+        resumed_at,
+        run.config.monitor.tensorboard and context.is_main,
+    )
+    with tqdm(total=steps, initial=done, unit="step", disable=not context.is_main, dynamic_ncols=True) as bar:
+        try:
+            train_epochs(setup, run, data, progress, bar, board, fresh=start.resume is None)
+        finally:
+            board.close()
     checked = setup.policy.verify_frozen(setup.model)
     if not distributed.replicas_identical(setup.model, context.device):
         raise TrainingError(f"phase {index}: the {context.world_size} processes ended with different weights")
@@ -244,7 +315,13 @@ def run_phase(index: int, model, constants: frozenset[int], start: StartPoint, r
 
 
 def train_epochs(
-    setup: PhaseSetup, run: Run, data: loaders.TrainingData, progress: PhaseProgress, bar, fresh: bool
+    setup: PhaseSetup,
+    run: Run,
+    data: loaders.TrainingData,
+    progress: PhaseProgress,
+    bar,
+    board: TensorBoardLog,
+    fresh: bool,
 ) -> None:
     """The phase's remaining epochs: train, evaluate, record, checkpoint (last; best when it improved), the guard."""
     index, phase, monitor = setup.index, run.config.phase(setup.index), run.monitor
@@ -254,29 +331,43 @@ def train_epochs(
         bar.set_description(f"phase {index} epoch {epoch + 1}/{phase.epochs}")
         started = time.perf_counter()
         setup.train_mode()
-        stats = train_one_epoch(setup, data.loader(epoch, progress.state.batch), run, progress, bar)
+        stats = train_one_epoch(setup, data.loader(epoch, progress.state.batch), run, progress, bar, board)
         progress.state.epoch, progress.state.batch = epoch + 1, 0
         when = run.config.monitor.text_reliance
         metrics = evaluate(setup.eval_model, run, when == "every" or (when == "last" and epoch + 1 == phase.epochs))
         stats |= {"step": progress.state.step, "epoch_seconds": time.perf_counter() - started}  # with evaluation
         record = monitor.record(index, epoch + 1, metrics, stats)
+        board.epoch(record)
         progress.history.append({"epoch": epoch + 1, "AP": metrics["AP"], "AP50": metrics["AP50"]})
         save(setup, run, progress, "last")
         score = metrics[run.config.monitor.best_metric]
         if progress.best_metric is None or score > progress.best_metric:
-            if earlier_best is not None and earlier_best > score:
+            if earlier_best is not None:
+                verdict = "higher" if score > earlier_best else ("tied" if score == earlier_best else "LOWER")
                 run.log(
-                    f"warning: {best_path} of an earlier run ({run.config.monitor.best_metric} {earlier_best:.4f}) "
-                    f"is replaced by this run's best so far ({score:.4f})"
+                    f"{'note' if score > earlier_best else 'warning'}: {best_path} of an earlier run "
+                    f"({run.config.monitor.best_metric} {earlier_best:.4f}) is replaced by this run's best so far "
+                    f"({score:.4f}, {verdict})"
                 )
             earlier_best, progress.best_metric = None, score
             save(setup, run, progress, "best")
         run.log(format_epoch(record, phase.epochs, progress.state.nonfinite_total))
+        if index != run.phases[-1]:  # --phase all: the whole run's ETA (tqdm's covers this phase)
+            run.log(run_time_left(run, index, epoch + 1, stats["epoch_seconds"]))
         if distributed.broadcast_object(run.context.is_main and monitor.exceeded(record)):
             run.log(f"warning: AP {metrics['AP']:.4f} is more than max_ap_drop {monitor.max_ap_drop} below the base")
             if run.config.monitor.on_drop == "stop":
                 run.log(f"phase {index} stopped by the forgetting guard; {best_path} keeps the best weights")
                 return
+
+
+def run_time_left(run: Run, index: int, epochs_done: int, epoch_seconds: float) -> str:
+    """The invocation's remaining time at this epoch's pace, evaluation included (every phase trains on the same
+    images; phase 0, which trains the backbone, is the slowest, so the estimate errs long)."""
+    later = [phase for phase in run.phases if phase > index]
+    epochs_left = run.config.phase(index).epochs - epochs_done + sum(run.config.phase(phase).epochs for phase in later)
+    minutes = epochs_left * epoch_seconds / 60
+    return f"run: about {minutes:.0f} min left ({epochs_left} epochs of phases {index}–{run.phases[-1]} at this pace)"
 
 
 def prepare_model(run: Run, detector, model, start: StartPoint, index: int, eval_only: bool):
@@ -313,7 +404,9 @@ def prepare_model(run: Run, detector, model, start: StartPoint, index: int, eval
     return model.to(run.context.device)
 
 
-def prepare_run(config: TrainConfig, output_dir: Path, context: distributed.DistributedContext, seed: int) -> Run:
+def prepare_run(
+    config: TrainConfig, output_dir: Path, context: distributed.DistributedContext, seed: int, phases: list[int]
+) -> Run:
     """Seeds, the validation data (it fixes the class list) and the forgetting monitor."""
     random.seed(seed + context.rank)
     np.random.seed(seed + context.rank)
@@ -322,7 +415,7 @@ def prepare_run(config: TrainConfig, output_dir: Path, context: distributed.Dist
         tqdm.write(f"generated the synthetic defect dataset in {config.data.synthetic_dir}")
     distributed.barrier()
     variant = get_variant(config.model.variant)
-    image_size = config.model.image_size or variant.eval_size[0]
+    image_size = config.model.image_size  # resolved by the config loader
     val_dataset = loaders.build_val_dataset(config.data, variant, image_size)
     val_loader = loaders.build_val_loader(
         val_dataset, config.data.val_batch_size, config.data.num_workers, context.rank, context.world_size
@@ -331,15 +424,17 @@ def prepare_run(config: TrainConfig, output_dir: Path, context: distributed.Dist
         variant.name, image_size, val_dataset.class_names, val_dataset.category_ids, config_to_dict(config), seed
     )
     monitor = ForgettingMonitor(output_dir, config.monitor.max_ap_drop, writes=context.is_main)
-    return Run(config, output_dir, context, info, variant, val_dataset, val_loader, monitor)
+    return Run(config, output_dir, context, info, variant, val_dataset, val_loader, monitor, phases)
 
 
 def main(argv: list[str] | None = None) -> int:
     args, started = parse_args(argv), time.perf_counter()
-    phase_now = None
+    phase_now, output_dir = None, Path(args.output_dir or (Path(args.resume).parent if args.resume else "checkpoints"))
     try:
-        # Config, distributed context, output directory, where the first phase starts, seeds, data.
-        config = load_config(args.config, args.set)
+        # Config (a resumed run's own, with the keys --config and --set give), distributed context, output directory,
+        # where the first phase starts, seeds, data.
+        resume = (args.resume, read_phase_checkpoint(args.resume)) if args.resume else None
+        config = resumed_config(*resume, args.config, args.set) if resume else load_config(args.config, args.set)
         if args.print_config:
             print(config_to_yaml(config), end="")
             return 0
@@ -349,17 +444,19 @@ def main(argv: list[str] | None = None) -> int:
                 f"data.batch_size {config.data.batch_size} is the global batch and must divide evenly "
                 f"over the {context.world_size} processes"
             )
-        output_dir = make_output_dir(args.output_dir, "--output-dir")
+        make_output_dir(output_dir, "--output-dir")
         stale = remove_stale_temporaries(output_dir) if context.is_main else []
         if stale:
             tqdm.write(f"removed the temporaries of writes a killed run left: {', '.join(path.name for path in stale)}")
-        # --phase all runs phases 0 → 3, or from the phase of the --resume file on.
-        first = None if args.phase == "all" and args.resume else (0 if args.phase == "all" else int(args.phase))
-        start = resolve_start(first, config, output_dir, args.resume, args.init, args.eval_only)
+        # --phase all runs phases 0 → 3, or from the phase of the --resume file on; a bare --resume, its phase.
+        first = int(args.phase) if args.phase not in (None, "all") else (None if resume else 0)
+        start = resolve_start(first, config, output_dir, resume, args.init, args.eval_only)
         first = start.resume.phase if first is None else first
         phases = [index for index in PHASE_INDICES if index >= first] if args.phase == "all" else [first]
-        seed = check_resumable(start, config, phases[0], args.seed) if start.resume else (args.seed or 0)
-        run = prepare_run(config, output_dir, context, seed)
+        seed, changes = check_resumable(start, config, phases[0], args.seed) if start.resume else (args.seed or 0, [])
+        run = prepare_run(config, output_dir, context, seed, phases)
+        for change in changes:
+            run.log(f"resume with a changed config: {change}")
         run.log(f"config, values set by the YAML and --set (--print-config shows every key): {changed_values(config)}")
 
         # Model: the DEIMv2 detector; phases ≥ 1 wrap it with the text fusion. Then the phases, in order.
@@ -377,7 +474,9 @@ def main(argv: list[str] | None = None) -> int:
             if args.eval_only:
                 weights = "EMA weights of the resume point, as its run evaluated them" if start.resume else "weights"
                 run.log(f"evaluating the start {weights}")
-                run.log(f"metrics: {json.dumps(evaluate(model, run, reliance=isinstance(model, MultimodalDetector)))}")
+                metrics = evaluate(model, run, reliance=args.text_reliance and isinstance(model, MultimodalDetector))
+                run.log(format_evaluation(metrics, args.per_class))
+                run.log(f"metrics: {json.dumps(metrics)}")
                 return 0
             run_phase(phase_now, model, constants, start, run)
         run.log("\n" + run.monitor.summary_table())
@@ -387,8 +486,13 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as error:
         return report(error)
     except KeyboardInterrupt:
-        last = checkpoint_path(args.output_dir, phase_now, "last") if phase_now is not None else None
-        hint = f"; continue with --phase {phase_now} --resume {last}" if last is not None and last.is_file() else ""
+        last = checkpoint_path(output_dir, phase_now, "last") if phase_now is not None else None
+        hint = ""
+        if last is not None and last.is_file():
+            command = ["python", "train_progressive.py", "--resume", str(last)]
+            command += ["--phase", "all"] if args.phase == "all" else []
+            command += ["--device", args.device] if args.device else []
+            hint = f"; continue with: {shlex.join(command)}"
         print(f"interrupted{hint}", file=sys.stderr)
         return 130
     finally:

@@ -20,6 +20,8 @@ CLASS_HEAD_PREFIXES = ("decoder.enc_score_head.", "decoder.dec_score_head.", "de
 def read_checkpoint(path: str | Path) -> dict:
     """``torch.load`` (weights only) with clear errors for missing, truncated and foreign files."""
     path = Path(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: a folder, not a checkpoint file; pass the path of a .pth file in it")
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found; pass the path of a DEIMv2 .pth file")
     try:

@@ -1,7 +1,9 @@
 """Typed training configuration: frozen dataclasses, one strict loader for YAML files and ``--set key.sub=value``.
 
-Precedence: dataclass defaults < YAML < ``--set``. An unknown key is an error naming the closest valid key; a value of
-the wrong type or outside its range is an error naming the key. YAML holds values only; structure lives in Python.
+Precedence: dataclass defaults (or, for a resumed run, the configuration stored in its checkpoint) < YAML < ``--set``.
+An unknown key is an error naming the closest valid key and where it was given (the YAML file or the ``--set``); a value
+of the wrong type or outside its range is an error naming the key. YAML holds values only; structure lives in Python.
+``model.image_size`` left unset resolves to the variant's input size, so every printed or stored value is the one used.
 """
 
 import dataclasses
@@ -25,7 +27,7 @@ class ConfigError(UserError):
 @dataclass(frozen=True)
 class ModelConfig:
     variant: str = "atto"
-    image_size: int | None = None  # None: the variant's input size (needed to load official checkpoints)
+    image_size: int | None = None  # None: the variant's input size (that of official checkpoints); resolved on load
     weights: str | None = None  # official DEIMv2 checkpoint used as the phase-1 base when --init is not given
     reinit_class_heads: bool = False  # allow a checkpoint with another class count (its class heads start fresh)
     pretrained_backbone: str | None = None  # official backbone weights for training phase 0 from scratch
@@ -90,7 +92,7 @@ class PhaseConfig:
     ema_decay: float = 0.9999
     ema_warmups: int = 1000
     grad_clip: float = 0.1  # 0: no clipping
-    amp: bool = True  # bf16 autocast on CUDA; always float32 on CPU
+    amp: bool | None = None  # bf16 autocast of the forward: None = on CUDA only (float32 on CPU), true = any device
     checkpoint_every_steps: int = 0  # 0: only at epoch ends
 
 
@@ -103,6 +105,8 @@ class MonitorConfig:
     # When evaluation repeats itself with permuted and with averaged class embeddings: "every" epoch, the "last" epoch
     # of each phase, or "never". Each repeat costs one more evaluation pass.
     text_reliance: str = "last"
+    tensorboard: bool = True  # TensorBoard scalars in <output_dir>/tensorboard (loss, LR, AP, text figures)
+    log_every_steps: int = 10  # loss terms and LR every this many optimiser steps (one host sync each)
 
 
 @dataclass(frozen=True)
@@ -203,31 +207,57 @@ def _assign(values: dict, assignment: str) -> dict:
     return values
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
-    """The validated configuration from an optional YAML file and ``--set`` assignments."""
-    values: dict = {}
+def _read_yaml(path: Path) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        values = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: invalid YAML ({str(error).splitlines()[0]})") from None
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+    return values
+
+
+def load_config(path: str | Path | None, overrides: list[str] = (), base: "TrainConfig | None" = None) -> TrainConfig:
+    """The validated configuration: ``base`` (default: the dataclass defaults), then the keys the YAML file at
+    ``path`` gives, then each ``--set`` assignment in ``overrides``. An error names the file or the ``--set`` at fault.
+    """
+    config = TrainConfig() if base is None else base
     if path is not None:
         path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
         try:
-            values = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as error:
-            raise ConfigError(f"{path}: invalid YAML ({str(error).splitlines()[0]})") from None
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: the top level must be a mapping of config sections")
+            config = _build(TrainConfig, _read_yaml(path), base=config)
+        except ConfigError as error:
+            raise ConfigError(f"{path}: {error}" if not str(error).startswith(str(path)) else str(error)) from None
     for assignment in overrides:
-        values = _assign(values, assignment)
+        try:
+            config = _build(TrainConfig, _assign(config_to_dict(config), assignment))
+        except ConfigError as error:
+            raise ConfigError(
+                f"--set {assignment}: {error}" if not str(error).startswith("--set") else str(error)
+            ) from None
     try:
-        return config_from_values(values)
+        return _resolved(config)
     except ConfigError as error:
-        raise ConfigError(f"{path}: {error}" if path is not None else str(error)) from None
+        # A range or cross-field check: name the --set that gave the key, else the file.
+        key = str(error).split(":")[0].split(" ")[0]
+        given = [assignment for assignment in overrides if assignment.partition("=")[0].strip() == key]
+        source = f"--set {given[-1]}" if given else (str(path) if path is not None else "")
+        raise ConfigError(f"{source}: {error}" if source else str(error)) from None
 
 
 def config_from_values(values: dict) -> TrainConfig:
     """The validated configuration of a mapping of sections (as YAML reads it, or ``config_to_dict`` wrote it)."""
-    config = _build(TrainConfig, values)
+    return _resolved(_build(TrainConfig, values))
+
+
+def _resolved(config: TrainConfig) -> TrainConfig:
+    """``config`` validated, with ``model.image_size`` set to the variant's input size when it was left unset."""
     validate(config)
+    if config.model.image_size is None:
+        size = VARIANTS[config.model.variant].eval_size[0]
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, image_size=size))
     return config
 
 
@@ -285,6 +315,7 @@ def validate(config: TrainConfig) -> None:
     _one_of("monitor.on_drop", monitor.on_drop, ("warn", "stop"))
     _one_of("monitor.text_reliance", monitor.text_reliance, ("every", "last", "never"))
     _at_least("monitor.max_nonfinite_steps", monitor.max_nonfinite_steps, 1)
+    _at_least("monitor.log_every_steps", monitor.log_every_steps, 1)
     _one_of("text_encoder.backend", text.backend, ("open_clip", "huggingface"))
     _at_least("fusion.num_heads", config.fusion.num_heads, 1)
     for key in ("batch_size", "val_batch_size"):
@@ -338,15 +369,16 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
-def resume_conflicts(saved: dict, config: TrainConfig, phase: int) -> list[str]:
-    """``"key: saved → now"`` for every key whose change would make a resumed ``phase`` another phase."""
+def resume_differences(saved: TrainConfig, config: TrainConfig, phase: int) -> tuple[list[str], list[str]]:
+    """``(conflicts, changes)``, each ``"key: was → now"``: keys whose change would make a resumed ``phase`` another
+    phase, and the keys that only steer it (its length, the reports, the other phases), which may change."""
     other_phases = tuple(f"phase{rule.index}." for rule in PHASES if rule.index != phase)
     steering = {f"phase{phase}.{key}" for key in _STEERING_PHASE_KEYS} | set(_STEERING_KEYS)
-    before, now = _flatten(saved), _flatten(config_to_dict(config))
-    conflicts = []
+    before, now = _flatten(config_to_dict(saved)), _flatten(config_to_dict(config))
+    conflicts, changes = [], []
     for key in sorted(set(before) | set(now)):
-        if key in steering or key.startswith(other_phases) or key.split(".")[0] in _STEERING_SECTIONS:
+        if before.get(key) == now.get(key):
             continue
-        if before.get(key) != now.get(key):
-            conflicts.append(f"{key}: {before.get(key)!r} → {now.get(key)!r}")
-    return conflicts
+        allowed = key in steering or key.startswith(other_phases) or key.split(".")[0] in _STEERING_SECTIONS
+        (changes if allowed else conflicts).append(f"{key}: {before.get(key)!r} → {now.get(key)!r}")
+    return conflicts, changes

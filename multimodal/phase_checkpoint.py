@@ -35,13 +35,26 @@ class TrainingState:
     step: int = 0  # optimiser steps taken in the phase (the LR schedule's position)
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
+    # The epoch's loss so far, so that a resumed epoch reports the mean over all of its steps: sums per loss term
+    # and the number of steps taken in it.
+    epoch_loss_sums: dict[str, float] = field(default_factory=dict)
+    epoch_steps_taken: int = 0
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict) -> "TrainingState":
-        return cls(**{f.name: int(data[f.name]) for f in dataclasses.fields(cls)})
+        # Files written before the epoch's loss sums were kept lack them: such an epoch reports its resumed part only.
+        return cls(
+            epoch=int(data["epoch"]),
+            batch=int(data["batch"]),
+            step=int(data["step"]),
+            nonfinite_in_a_row=int(data["nonfinite_in_a_row"]),
+            nonfinite_total=int(data["nonfinite_total"]),
+            epoch_loss_sums={name: float(value) for name, value in data.get("epoch_loss_sums", {}).items()},
+            epoch_steps_taken=int(data.get("epoch_steps_taken", 0)),
+        )
 
 
 @dataclass

@@ -1,7 +1,9 @@
 """Where a phase starts, from the command line's ``--resume`` / ``--init``: one meaning per flag.
 
 - ``--resume FILE`` continues the phase FILE was written in, exactly (weights, EMA, optimiser, RNG, position), and
-  nothing else; FILE must be that phase's ``phaseN_last.pth``, unfinished (or finished with more epochs now).
+  nothing else; FILE must be that phase's ``phaseN_last.pth``, unfinished (or finished with more epochs now). The run's
+  configuration is the one stored in FILE; a ``--config`` or ``--set`` given with it overrides only the keys it names,
+  and only keys that steer the run (its length, its reports) may change.
 - ``--init FILE`` starts a phase from weights: an official DEIMv2 checkpoint (the detector), or a checkpoint of an
   earlier phase (its evaluated weights: detector, fusion, text embeddings, baseline).
 - Neither: phase N ≥ 1 starts from ``phase{N-1}_best.pth`` in the output directory, phases 0–1 from
@@ -17,7 +19,7 @@ import torch
 
 from deim_lib.checkpoint import detector_state_dict, read_checkpoint
 from deim_lib.errors import CheckpointError
-from multimodal.config import ConfigError, TrainConfig, resume_conflicts
+from multimodal.config import ConfigError, TrainConfig, config_from_values, load_config, resume_differences
 from multimodal.phase_checkpoint import PhaseCheckpoint, checkpoint_path, is_phase_checkpoint, read_phase_checkpoint
 
 
@@ -54,11 +56,23 @@ def _from_checkpoint(checkpoint: PhaseCheckpoint, description: str) -> StartPoin
     )
 
 
-def _resume(phase: int | None, path: Path, config: TrainConfig, eval_only: bool) -> StartPoint:
-    checkpoint = read_phase_checkpoint(path)
+def resumed_config(
+    path: str, checkpoint: PhaseCheckpoint, config_file: str | None, overrides: list[str]
+) -> TrainConfig:
+    """The configuration of a resumed run: the one stored in ``checkpoint``, then the keys the YAML file and the
+    ``--set`` assignments name."""
+    try:
+        stored = config_from_values(checkpoint.info.config)
+    except ConfigError as error:
+        raise CheckpointError(
+            f"--resume {path}: its stored config does not fit this version ({error}); start a new run with --init"
+        ) from None
+    return load_config(config_file, overrides, base=stored)
+
+
+def _resume(phase: int | None, path: Path, checkpoint: PhaseCheckpoint, config: TrainConfig, eval_only: bool):
     found = checkpoint.phase
     phase = found if phase is None else phase
-    epochs = config.phase(phase).epochs
     if checkpoint.kind != "last":
         last = checkpoint_path(path.parent, found, "last")
         raise CheckpointError(
@@ -70,10 +84,12 @@ def _resume(phase: int | None, path: Path, config: TrainConfig, eval_only: bool)
             f"--resume {path}: a phase-{found} checkpoint; --resume continues that same phase (--phase {found} "
             f"--resume {path}); to start phase {phase} from its weights use --init"
         )
-    if checkpoint.finished and epochs <= checkpoint.info.config[f"phase{phase}"]["epochs"]:
+    stored_epochs = checkpoint.info.config[f"phase{phase}"]["epochs"]
+    if checkpoint.finished and config.phase(phase).epochs <= stored_epochs and not eval_only:
         raise CheckpointError(
             f"--resume {path}: phase {phase} is finished ({checkpoint.progress.state.epoch} epochs); start phase "
-            f"{phase + 1} (--phase {phase + 1} picks up phase{phase}_best.pth), or raise phase{phase}.epochs"
+            f"{phase + 1} (--phase {phase + 1} picks up phase{phase}_best.pth), or raise phase{phase}.epochs "
+            f"(evaluate it with --resume {path} --eval-only)"
         )
     state = checkpoint.progress.state
     start = _from_checkpoint(
@@ -114,16 +130,16 @@ def resolve_start(
     phase: int | None,
     config: TrainConfig,
     output_dir: Path,
-    resume: str | None = None,
+    resume: tuple[str, PhaseCheckpoint] | None = None,
     init: str | None = None,
     eval_only: bool = False,
 ) -> StartPoint:
-    """The start point of ``phase`` (see the module docstring; None: the phase of the ``resume`` file); every
-    refusal is a one-line error with the fix."""
+    """The start point of ``phase`` (see the module docstring; None: the phase of the ``resume`` checkpoint, given as
+    (path, checkpoint)); every refusal is a one-line error with the fix."""
     if resume is not None and init is not None:
         raise CheckpointError("--resume continues a phase with its own weights; --init starts one: pass only one")
     if resume is not None:
-        return _resume(phase, Path(resume), config, eval_only)
+        return _resume(phase, Path(resume[0]), resume[1], config, eval_only)
     if init is not None:
         return _init(phase, Path(init), eval_only)
     previous = checkpoint_path(output_dir, phase - 1, "best")
@@ -143,20 +159,32 @@ def resolve_start(
     )
 
 
-def check_resumable(start: StartPoint, config: TrainConfig, phase: int, seed: int | None) -> int:
-    """The seed of a resumed run; a config or seed that would make it another run is a one-line error naming keys."""
+def check_resumable(start: StartPoint, config: TrainConfig, phase: int, seed: int | None) -> tuple[int, list[str]]:
+    """The seed of a resumed run and what its config changes (``"key: was → now"`` lines, an epoch count's effect
+    said); a config or seed that would make it another run is a one-line error naming the keys."""
     checkpoint = start.resume
-    conflicts = resume_conflicts(checkpoint.info.config, config, phase)
+    stored = config_from_values(checkpoint.info.config)
+    conflicts, changes = resume_differences(stored, config, phase)
     if conflicts:
         raise ConfigError(
             f"--resume: the config differs from the checkpoint's in what phase {phase} trains "
-            f"({'; '.join(conflicts)}); resume with the checkpoint's values, or start a new run with --init"
+            f"({'; '.join(conflicts)}); drop those keys to resume with the checkpoint's values, or start a new run "
+            "with --init"
         )
     if seed is not None and seed != checkpoint.info.seed:
         raise ConfigError(
             f"--resume: the checkpoint was trained with --seed {checkpoint.info.seed}, not {seed}; drop --seed"
         )
-    return checkpoint.info.seed
+    before, now = stored.phase(phase).epochs, config.phase(phase).epochs
+    if before != now:
+        changes = [
+            f"{change} (the LR schedule of phase {phase} now spans {now} epochs instead of {before}: the remaining "
+            "steps follow the new warm-up and decay)"
+            if change.startswith(f"phase{phase}.epochs:")
+            else change
+            for change in changes
+        ]
+    return checkpoint.info.seed, changes
 
 
 def rng_state() -> dict:

@@ -3,6 +3,7 @@ flag, resume, reruns, faults and bad input."""
 
 import json
 import os
+import shlex
 import signal
 import subprocess
 import sys
@@ -212,18 +213,48 @@ def test_ctrl_c_in_phase_2_says_how_to_resume_and_the_resume_ends_like_an_uninte
         )
     err = capsys.readouterr().err.strip().splitlines()
     last = tmp_path / "interrupted" / "phase2_last.pth"
-    assert code == 130 and err[-1] == f"interrupted; continue with --phase 2 --resume {last}"
+    hint = f"python train_progressive.py --resume {last}"
+    assert code == 130 and err[-1] == f"interrupted; continue with: {hint}"
     monkeypatch.undo()
 
-    code, out, _ = run(
-        capsys, "--config", config, "--phase", "2", "--resume", last, "--output-dir", last.parent, *every_step
-    )
-    assert code == 0 and "starting from the resume point" in out
+    # The hint, pasted as printed: no --config, no --set; the run goes on with the config the checkpoint stored. (In
+    # this process, as the uninterrupted run: BLAS kernels may round differently in another process.)
+    python, script, *arguments = shlex.split(err[-1].split("continue with: ")[1])
+    assert (python, script) == ("python", "train_progressive.py")
+    code, stdout, _ = run(capsys, *arguments)
+    assert code == 0 and "starting from the resume point" in stdout and "resume with a changed config" not in stdout
     expected, resumed = load(tmp_path / "uninterrupted" / "phase2_last.pth"), load(last)
     assert resumed["state"]["step"] == expected["state"]["step"] == 8
     assert_same_tensors(expected["model"], resumed["model"])
     assert_same_tensors(expected["fusion"], resumed["fusion"])
     assert_same_tensors(expected["ema"]["module"], resumed["ema"]["module"])
+    # The interrupted epoch's loss is the mean over all of its steps, those before the interruption included.
+    uninterrupted, interrupted = records(tmp_path / "uninterrupted")[-2:], records(last.parent)[-2:]
+    for first, second in zip(uninterrupted, interrupted, strict=True):
+        assert first["train"]["loss"] == pytest.approx(second["train"]["loss"], rel=1e-6)
+        assert first["train"]["lr"] == second["train"]["lr"]
+
+
+def test_a_resume_with_a_config_overrides_only_the_keys_it_gives_and_says_so(tmp_path, config, base, capsys):
+    out = tmp_path / "out"
+    steps = ["--set", "phase1.epochs=2", "--set", "phase1.checkpoint_every_steps=3"]
+    assert run(capsys, "--config", config, "--output-dir", out, "--phase", "1", "--init", base, *steps)[0] == 0
+    checkpoint = load(out / "phase1_last.pth")
+    checkpoint["finished"], checkpoint["state"]["epoch"], checkpoint["state"]["batch"] = False, 0, 3
+    torch.save(checkpoint, out / "phase1_last.pth")  # as if killed mid-epoch 1
+    code, stdout, _ = run(
+        capsys, "--resume", out / "phase1_last.pth", "--set", "monitor.max_ap_drop=0.5", "--print-config"
+    )
+    printed = yaml.safe_load(stdout)
+    assert code == 0 and printed["phase1"]["epochs"] == 2 and printed["phase1"]["checkpoint_every_steps"] == 3
+    assert printed["monitor"]["max_ap_drop"] == 0.5 and printed["model"]["image_size"] == IMAGE_SIZE
+    # The YAML names phase1.epochs (1): an explicit override of the stored 2, announced with its effect.
+    code, stdout, _ = run(capsys, "--config", config, "--resume", out / "phase1_last.pth")
+    assert code == 0 and (
+        "resume with a changed config: phase1.epochs: 2 → 1 (the LR schedule of phase 1 now spans 1 epochs instead "
+        "of 2" in stdout
+    )
+    assert [r["epoch"] for r in records(out) if r["phase"] == 1][-1] == 1
 
 
 def evaluated(out: str) -> dict:
@@ -255,10 +286,13 @@ def test_eval_only_evaluates_exactly_the_weights_each_flag_combination_starts_fr
         code, stdout, errors = run(capsys, *args, *arguments, "--eval-only")
         assert code == 0, (arguments, errors)
         assert fingerprint(evaluated(stdout)) == pytest.approx(fingerprint(expected), abs=1e-9), arguments
-    # A finished phase is not a resume point; a best file never is.
-    for name, message in (("phase2_last.pth", "phase 2 is finished"), ("phase2_best.pth", "not a resume point")):
-        code, _, errors = run(capsys, *args, "--phase", "2", "--resume", out / name, "--eval-only")
-        assert code == 2 and message in errors[0]
+    # A finished phase's last file evaluates as its run did (EMA weights); a best file is never a resume point.
+    code, stdout, _ = run(capsys, "--resume", out / "phase2_last.pth", "--eval-only")
+    assert code == 0 and fingerprint(evaluated(stdout)) == pytest.approx(fingerprint(phase2[-1]), abs=1e-9)
+    code, _, errors = run(capsys, *args, "--phase", "2", "--resume", out / "phase2_best.pth", "--eval-only")
+    assert code == 2 and "not a resume point" in errors[0]
+    code, _, errors = run(capsys, "--resume", out / "phase2_last.pth")
+    assert code == 2 and "phase 2 is finished" in errors[0] and "--eval-only" in errors[0]
     fresh = run(capsys, "--config", config, "--output-dir", tmp_path / "fresh", "--phase", "0", "--eval-only")
     assert fresh[0] == 0 and "freshly initialised detector" in fresh[1]
 
@@ -544,7 +578,8 @@ def bad_input_cases(tmp_path: Path, data: dict[str, Path], base: Path) -> list[t
         (["--phase", "1", "--set", "phase1.checkpoint_every_steps=-1"], "checkpoint_every_steps: -1 must be at least"),
         (["--phase", "1", "--init", base, "--set", f"data.train_annotations={empty}"], "the training set is empty"),
         (["--phase", "1", "--init", base, "--set", f"data.val_annotations={empty}"], "the validation set is empty"),
-        (["--phase", "1", "--init", base, "--output-dir", a_file / "out"], "cannot create the output directory"),
+        (["--phase", "1", "--init", base, "--output-dir", a_file / "out"], "a_file is a file, not a folder"),
+        (["--phase", "1", "--init", tmp_path], "a folder, not a checkpoint file"),
         (["--phase", "1", "--device", "cuda"], "no CUDA device"),
         (["--phase", "1", "--init", base, "--set", "model.image_size=192"], "set model.image_size"),
         (
@@ -757,4 +792,70 @@ def test_the_demo_gives_the_same_numbers_for_the_same_seed(tmp_path, text_cache,
     ]
     assert_same_tensors(
         load(tmp_path / "first" / "phase1_last.pth")["fusion"], load(tmp_path / "second" / "phase1_last.pth")["fusion"]
+    )
+
+
+def test_tensorboard_scalars_read_back_and_a_warmup_as_long_as_the_phase_is_warned(tmp_path, config, base, capsys):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out = tmp_path / "out"
+    settings = ["--set", "monitor.log_every_steps=1", "--set", "phase1.warmup_iters=1000"]
+    code, stdout, _ = run(capsys, "--config", config, "--output-dir", out, "--phase", "1", "--init", base, *settings)
+    assert code == 0
+    assert "warning: phase1.warmup_iters 1000 is not shorter than the phase (4 steps): the LR never reaches" in stdout
+    events = EventAccumulator(str(out / "tensorboard" / "phase1"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/lr", "train/loss_mal", "train_terms/loss_mal_aux_0", "val/AP", "val/delta_AP"} <= tags
+    assert {"text/added_signal_level0", "text/reliance_permuted"} <= tags
+    assert [event.step for event in events.Scalars("train/loss")] == [1, 2, 3, 4]
+    assert [event.step for event in events.Scalars("val/AP")] == [4]
+    assert events.Scalars("val/AP")[0].value == pytest.approx(records(out)[-1]["AP"])
+    assert events.Scalars("train/lr")[-1].value == pytest.approx(records(out)[-1]["train"]["lr"])
+
+    off = tmp_path / "off"
+    assert (
+        run(
+            capsys,
+            "--config",
+            config,
+            "--output-dir",
+            off,
+            "--phase",
+            "1",
+            "--init",
+            base,
+            "--set",
+            "monitor.tensorboard=false",
+        )[0]
+        == 0
+    )
+    assert not (off / "tensorboard").exists()
+
+
+def test_a_rerun_that_ties_the_earlier_best_says_it_replaces_the_file(tmp_path, config, base, capsys):
+    args = ["--config", config, "--output-dir", tmp_path / "out", "--phase", "1", "--init", base]
+    assert run(capsys, *args)[0] == 0
+    code, stdout, _ = run(capsys, *args)  # the same seed: the same AP
+    assert code == 0 and "phase1_best.pth of an earlier run (AP " in stdout and ", tied)" in stdout
+
+
+def test_eval_only_prints_a_table_and_measures_text_reliance_only_when_asked(tmp_path, config, base, capsys):
+    args = ["--config", config, "--output-dir", tmp_path / "out", "--phase", "1", "--init", base, "--eval-only"]
+    code, stdout, _ = run(capsys, *args)
+    assert code == 0 and "reliance" not in evaluated(stdout)["text"]
+    table = stdout.split("evaluating the start")[1].split("metrics: ")[0]
+    assert "AP50" in table and "added signal per fusion level" in table and "scratch" not in table
+    code, stdout, _ = run(capsys, *args, "--per-class", "--text-reliance")
+    assert code == 0 and set(evaluated(stdout)["text"]["reliance"]) >= {"permuted", "mean"}
+    table = stdout.split("evaluating the start")[1].split("metrics: ")[0]
+    assert "scratch" in table and "AP(real) − AP(permuted)" in table
+
+
+def test_help_shows_that_a_phase_or_a_resume_point_is_required():
+    result = subprocess.run(
+        [sys.executable, str(PROJECT_DIR / "train_progressive.py"), "--help"], capture_output=True, text=True
+    )
+    assert result.returncode == 0 and result.stdout.startswith(
+        "usage: train_progressive.py (--phase {0,1,2,3,all} | --resume FILE)"
     )

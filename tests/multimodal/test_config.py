@@ -1,5 +1,7 @@
 """The typed config: phase-table defaults, strict keys and ranges, YAML round trip, what a resume may change."""
 
+import json
+
 import pytest
 import yaml
 
@@ -11,9 +13,10 @@ from multimodal.config import (
     config_to_dict,
     config_to_yaml,
     load_config,
-    resume_conflicts,
+    resume_differences,
 )
 from multimodal.phase_table import PHASES
+from tests.conftest import PROJECT_DIR
 
 DATA = [f"data.{key}=x" for key in ("train_images", "train_annotations", "val_images", "val_annotations")]
 
@@ -55,7 +58,7 @@ def test_out_of_range_values_name_the_key(assignment, message):
 
 
 def test_a_resume_may_change_what_steers_the_run_but_not_what_it_trains():
-    saved = config_to_dict(load_config(None, DATA))
+    saved = load_config(None, DATA)
     steering = load_config(
         None,
         [
@@ -68,11 +71,40 @@ def test_a_resume_may_change_what_steers_the_run_but_not_what_it_trains():
             "text_encoder.cache_dir=/tmp/x",
         ],
     )
-    assert resume_conflicts(saved, steering, phase=1) == []
+    conflicts, changes = resume_differences(saved, steering, phase=1)
+    assert conflicts == [] and "phase1.epochs: 12 → 30" in changes and len(changes) == 6
     changed = load_config(None, [*DATA, "phase1.lr=0.001", "data.batch_size=2", "data.classes={a: [b]}"])
-    conflicts = resume_conflicts(saved, changed, phase=1)
+    conflicts, _ = resume_differences(saved, changed, phase=1)
     assert [c.split(":")[0] for c in conflicts] == ["data.batch_size", "data.classes", "phase1.lr"]
-    assert "phase2.lr" in resume_conflicts(saved, steering, phase=2)[0]
+    assert "phase2.lr" in resume_differences(saved, steering, phase=2)[0][0]
+
+
+def test_a_base_config_takes_only_the_keys_the_yaml_and_the_sets_give(tmp_path):
+    base = load_config(None, [*DATA, "phase2.epochs=1", "phase2.lr=0.001"])
+    path = tmp_path / "c.yaml"
+    path.write_text("monitor: {max_ap_drop: 0.2}\n")
+    config = load_config(path, ["phase2.checkpoint_every_steps=5"], base=base)
+    assert (config.phase2.epochs, config.phase2.lr, config.phase2.checkpoint_every_steps) == (1, 0.001, 5)
+    assert config.monitor.max_ap_drop == 0.2 and config.data == base.data
+
+
+def test_a_misspelt_set_key_is_reported_against_the_set_not_the_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"data": dict(item.split("=") for item in (d.removeprefix("data.") for d in DATA))}))
+    with pytest.raises(ConfigError, match=r"^--set data\.batchsize=2: unknown key 'data\.batchsize'; did you mean"):
+        load_config(path, ["data.batchsize=2"])
+    with pytest.raises(ConfigError, match=r"^--set model\.variant=atom: model\.variant: 'atom' is not one of"):
+        load_config(path, ["model.variant=atom"])
+    path.write_text(path.read_text() + "phase1: {epoch: 3}\n")
+    with pytest.raises(ConfigError, match=rf"^{path}: unknown key 'phase1\.epoch'; did you mean 'phase1\.epochs'"):
+        load_config(path, ["data.batch_size=2"])
+
+
+def test_the_image_size_resolves_to_the_variants_input_size():
+    assert load_config(None, DATA).model.image_size == 320
+    assert load_config(None, [*DATA, "model.variant=s"]).model.image_size == 640
+    assert load_config(None, [*DATA, "model.image_size=192"]).model.image_size == 192
+    assert "image_size: 320" in config_to_yaml(load_config(None, DATA))
 
 
 def test_yaml_numbers_in_any_spelling_are_floats(tmp_path):
@@ -82,3 +114,19 @@ def test_yaml_numbers_in_any_spelling_are_floats(tmp_path):
         "val_images: c, val_annotations: d}\n"
     )
     assert load_config(path).phase1.lr == 2e-4
+
+
+@pytest.mark.parametrize("path", sorted((PROJECT_DIR / "configs").glob("*.yaml")), ids=lambda path: path.name)
+def test_every_shipped_phase_reaches_its_lr_after_warm_up(path):
+    config = load_config(path)
+    if config.data.synthetic_dir:
+        images = config.data.synthetic_images[0]
+    else:
+        annotations = PROJECT_DIR / config.data.train_annotations
+        if not annotations.is_file():
+            pytest.skip(f"{annotations} is not here (../shared, or a file the config's comment says how to make)")
+        images = len(json.loads(annotations.read_text())["images"])
+    steps_per_epoch = images // config.data.batch_size
+    for rule in PHASES:
+        phase = config.phase(rule.index)
+        assert phase.warmup_iters < phase.epochs * steps_per_epoch, f"{path.name}: phase{rule.index}"
