@@ -25,7 +25,13 @@ case "$command" in
   demo)
     # A fresh output folder every time: the demo trains its own base detector, and a folder belongs to one base.
     rm -rf checkpoints/demo
-    exec .venv/bin/python train_progressive.py --config configs/demo.yaml --phase all --output-dir checkpoints/demo "$@"
+    .venv/bin/python train_progressive.py --config configs/demo.yaml --phase all --output-dir checkpoints/demo "$@"
+    # One annotated validation image from the final model, the one docs/demo_prediction.png shows (skipped when the
+    # arguments asked for no training, e.g. --help).
+    if [ -f checkpoints/demo/phase3_best.pth ]; then
+      .venv/bin/python -m multimodal.predict --checkpoint checkpoints/demo/phase3_best.pth \
+          --images data/synthetic_defects/images/val/00002.jpg --output checkpoints/demo/prediction --draw-nms 0.5
+    fi
     ;;
   test)
     .venv/bin/ruff check .

@@ -110,7 +110,7 @@ from multimodal import distributed, loaders
 from multimodal.config import ConfigError, TrainConfig, changed_values, config_to_dict, config_to_yaml, load_config
 from multimodal.files import file_sha256, remove_stale_temporaries
 from multimodal.model import MultimodalDetector, attach_text, load_weights
-from multimodal.monitor import ForgettingMonitor, format_epoch, machine
+from multimodal.monitor import ForgettingMonitor, format_epoch, machine, signed
 from multimodal.optimization import lr_factor, set_lr
 from multimodal.phase_checkpoint import (
     PhaseProgress,
@@ -229,7 +229,7 @@ def format_evaluation(metrics: dict, per_class: bool) -> str:
     if "reliance" in text:
         reliance = text["reliance"]
         lines.append(
-            f"AP(real) − AP(permuted) {reliance['permuted']:+.4f}, AP(real) − AP(mean) {reliance['mean']:+.4f}"
+            f"AP(real) − AP(permuted) {signed(reliance['permuted'])}, AP(real) − AP(mean) {signed(reliance['mean'])}"
         )
     return "\n".join(lines)
 

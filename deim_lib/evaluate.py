@@ -169,19 +169,20 @@ def load_detections(path: Path, coco_gt: COCO) -> list[dict]:
 
 
 def format_table(metrics: dict) -> str:
-    """The 12 summary metrics, then per-class AP and AP50, as aligned text (percent, "-" where undefined)."""
-    lines = [f"{name:>6}  {_percent(metrics[name])}" for name in METRIC_NAMES]
+    """The 12 summary metrics, then per-class AP and AP50, as aligned text: fractions to 4 decimals, as the training
+    log prints them, "-" where undefined."""
+    lines = [f"{name:>6}  {_fraction(metrics[name])}" for name in METRIC_NAMES]
     width = max((len(name) for name in metrics["per_class"]), default=5)
-    lines += ["", f"{'class':<{width}}     AP   AP50"]
+    lines += ["", f"{'class':<{width}}  {'AP':>6}  {'AP50':>6}"]
     lines += [
-        f"{name:<{width}}  {_percent(values['AP'])}  {_percent(values['AP50'])}"
+        f"{name:<{width}}  {_fraction(values['AP'])}  {_fraction(values['AP50'])}"
         for name, values in metrics["per_class"].items()
     ]
     return "\n".join(lines)
 
 
-def _percent(value: float) -> str:
-    return f"{100 * value:5.1f}" if value >= 0 else f"{'-':>5}"
+def _fraction(value: float) -> str:
+    return f"{value:6.4f}" if value >= 0 else f"{'-':>6}"
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -10,9 +10,11 @@ so w = 0 gives exactly the base detector's detections and w = 1 exactly the fine
 from the nearer end. The fine-tuned side is a checkpoint of ``train_progressive.py`` (its EMA weights, as evaluated);
 the base is an official DEIMv2 checkpoint or another phase checkpoint of the same detector.
 
-Every mix is evaluated on the validation set of the fine-tuned run's config (or ``--config``). Written to ``--output``:
-``curve.json`` (AP, AP50 and per-class AP of every weight), ``curve.png``, and ``wise_ft.pth``, the chosen mix (the
-best AP, or ``--choose``) as a phase checkpoint, also readable as an official DEIMv2 checkpoint.
+Every mix is evaluated on the validation set of the fine-tuned run's config (or ``--config``); a ``--choose`` weight
+that ``--weights`` lacks is evaluated as well. Written to ``--output``: ``curve.json`` (AP, AP50 and per-class AP of
+every weight), ``curve.png`` (the saved weight marked), and ``wise_ft.pth``, the chosen mix as a phase checkpoint,
+also readable as an official DEIMv2 checkpoint. The chosen mix is ``--choose``, or else the best AP; of tied weights
+the one nearest the base, so that when every weight ties, the base is kept (and said so).
 """
 
 import argparse
@@ -22,6 +24,7 @@ import sys
 import uuid
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -44,6 +47,9 @@ from multimodal.phase_checkpoint import (
     save_phase_checkpoint,
 )
 from multimodal.predict import phase_model
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 
 def mix_states(base: dict[str, Tensor], tuned: dict[str, Tensor], weight: float) -> dict[str, Tensor]:
@@ -77,21 +83,52 @@ def base_state(path: str | Path, tuned_model) -> dict[str, Tensor]:
     return state
 
 
-def plot_curve(points: list[dict], path: Path) -> None:
+def choose_weight(points: list[dict], choose: float | None) -> tuple[float, str]:
+    """The weight to save (``choose``, or the best AP; of tied weights the one nearest the base) and the line that
+    says why."""
+    if choose is not None:
+        return choose, f"weight {choose:g}, as --choose asks"
+    best_ap = max(point["AP"] for point in points)
+    tied = sorted(point["weight"] for point in points if point["AP"] == best_ap)
+    nearest_base = tied[0]
+    if len(tied) == 1:
+        return nearest_base, f"weight {nearest_base:g}, the best AP {best_ap:.4f}"
+    kept = "the base (weight 0)" if nearest_base == 0 else f"weight {nearest_base:g}, the nearest the base"
+    if len(tied) == len(points):
+        return nearest_base, f"{kept}: all {len(points)} weights tie at AP {best_ap:.4f}"
+    weights = ", ".join(f"{weight:g}" for weight in tied)
+    return nearest_base, f"{kept}: weights {weights} tie for the best AP {best_ap:.4f}"
+
+
+def curve_figure(points: list[dict], chosen: float) -> "Figure":
+    """AP and AP50 against the mixing weight, with the saved weight marked."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     figure, axis = plt.subplots(figsize=(6, 4), layout="constrained")
+    points = sorted(points, key=lambda point: point["weight"])
     weights = [point["weight"] for point in points]
     for metric in ("AP", "AP50"):
         axis.plot(weights, [point[metric] for point in points], marker="o", label=metric)
+    chosen_ap = next(point["AP"] for point in points if point["weight"] == chosen)
+    axis.axvline(chosen, color="grey", linestyle="--", linewidth=0.8)
+    axis.plot(
+        [chosen], [chosen_ap], marker="*", markersize=14, color="red", linestyle="none", label=f"saved: {chosen:g}"
+    )
     axis.set_xlabel("mixing weight (0: base, 1: fine-tuned)")
     axis.set_ylabel("COCO metric, validation")
     axis.set_title("WiSE-FT: base ↔ fine-tuned")
     axis.grid(alpha=0.3)
     axis.legend()
+    return figure
+
+
+def plot_curve(points: list[dict], chosen: float, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    figure = curve_figure(points, chosen)
     atomic_write(path, lambda file: figure.savefig(file, format="png", dpi=110))
     plt.close(figure)
 
@@ -116,6 +153,9 @@ def interpolate(
     if dataset.class_names != info.class_names:
         raise ConfigError(f"the validation set's classes differ from the classes {finetuned} was trained on")
     loader = loaders.build_val_loader(dataset, config.data.val_batch_size, config.data.num_workers)
+    if choose is not None and choose not in weights:
+        print(f"--choose {choose:g} is not among --weights: evaluating it as well")
+        weights = [*weights, choose]
     points, postprocessor = [], PostProcessor(len(info.class_names))
     for weight in weights:
         model.load_state_dict(mix_states(start, tuned, weight))
@@ -132,14 +172,14 @@ def interpolate(
             {"weight": weight, "AP": metrics["AP"], "AP50": metrics["AP50"], "per_class": metrics["per_class"]}
         )
         print(f"weight {weight:g}: AP {metrics['AP']:.4f}  AP50 {metrics['AP50']:.4f}")
-    chosen = choose if choose is not None else max(points, key=lambda point: point["AP"])["weight"]
+    chosen, reason = choose_weight(points, choose)
     record = {"base": str(base), "finetuned": str(finetuned), "points": points, "chosen": chosen}
     atomic_write_text(output / "curve.json", json.dumps(record, indent=1) + "\n")
-    plot_curve(points, output / "curve.png")
+    plot_curve(points, chosen, output / "curve.png")
 
     detector, fusion = split_state(mix_states(start, tuned, chosen))
     progress = copy.deepcopy(tuned_checkpoint.progress)
-    chosen_ap = next((point["AP"] for point in points if point["weight"] == chosen), None)
+    chosen_ap = next(point["AP"] for point in points if point["weight"] == chosen)
     mixed = PhaseCheckpoint(
         phase=tuned_checkpoint.phase,
         kind="best",
@@ -160,7 +200,7 @@ def interpolate(
         finished=True,
     )
     save_phase_checkpoint(output / "wise_ft.pth", mixed)
-    print(f"chose weight {chosen:g} → {output / 'wise_ft.pth'}")
+    print(f"saved {reason} → {output / 'wise_ft.pth'}")
     return record
 
 

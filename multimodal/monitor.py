@@ -3,8 +3,10 @@
 Files in the output directory, which belongs to one base detector and one validation set:
 - ``baseline.json``: AP, AP50 and per-class AP of the base detector, with fingerprints of its weights and of the
   validation annotations; a run from another base or on another validation set is refused.
-- ``metrics.jsonl``: one record per evaluated epoch of any phase, each with its ``run_id``; a torn last line (a run
-  killed mid-write) is reported and skipped.
+- ``metrics.jsonl``: one record per evaluated epoch of any phase, each with its ``run_id``; a line that is not a
+  JSON record (a run killed mid-write, bytes that are not UTF-8) is reported and skipped. A resume from an earlier
+  checkpoint writes its epochs again: the latest record of an epoch wins, and the epochs after it that the resume
+  cut off no longer count.
 - ``report.md`` and ``curves.png``: rewritten at the end of every phase from the records of the current run only (the
   phases its checkpoint descends from), never from an earlier run in the same directory.
 """
@@ -42,6 +44,11 @@ NEGLIGIBLE_AP = 0.001  # below this a text-reliance figure is within the noise o
 
 class MonitorError(UserError):
     """The output directory's records belong to another base detector or validation set, or are unreadable."""
+
+
+def signed(value: float, decimals: int = 4) -> str:
+    """``value`` with its sign, to ``decimals`` places; one that rounds to zero is +0.0000, never -0.0000."""
+    return f"{round(value, decimals) + 0.0:+.{decimals}f}"  # round() as the format does; + 0.0 turns -0.0 into 0.0
 
 
 def summarize(metrics: dict) -> dict:
@@ -214,19 +221,47 @@ class ForgettingMonitor:
         """True when AP fell further below the baseline than ``max_ap_drop``."""
         return "delta_AP" in record and -record["delta_AP"] > self.max_ap_drop
 
+    def _read_log(self) -> list[dict]:
+        """Every record of ``metrics.jsonl``; lines that are no JSON record are reported in one warning and skipped."""
+        records, unreadable = [], []
+        lines = self.log_path.read_bytes().split(b"\n") if self.log_path.is_file() else []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                record = None
+            if isinstance(record, dict):
+                records.append(record)
+            else:
+                unreadable.append(str(number))
+        if unreadable:
+            _warn(
+                f"{self.log_path}:{','.join(unreadable)}: unreadable record{'s' if len(unreadable) > 1 else ''} (a run "
+                "killed while writing, or bytes that are not a UTF-8 JSON record); skipped"
+            )
+        return records
+
     def records(self) -> list[dict]:
-        """The current run's records, in order; unreadable lines (a torn write) are reported, once, and skipped."""
+        """The current run's records, in order, each epoch once.
+
+        A resume from an earlier checkpoint writes epochs again under the same run id: its record of epoch e replaces
+        the earlier one and drops the earlier records of the epochs after e, the branch the resume cut off.
+        """
         if self._logged is None:
-            self._logged = []
-            lines = self.log_path.read_text().splitlines() if self.log_path.is_file() else []
-            for number, line in enumerate(lines, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    self._logged.append(json.loads(line))
-                except json.JSONDecodeError:
-                    _warn(f"{self.log_path}:{number}: unreadable record (a run killed while writing it?); skipped")
-        return [record for record in self._logged if record.get("run_id") in self.lineage]
+            self._logged = self._read_log()
+        current: list[dict] = []
+        for record in self._logged:
+            if record.get("run_id") in self.lineage:
+                branch = (record["run_id"], record["phase"])
+                current = [
+                    kept
+                    for kept in current
+                    if (kept["run_id"], kept["phase"]) != branch or kept["epoch"] < record["epoch"]
+                ]
+                current.append(record)
+        return current
 
     def phase_summary(self) -> list[dict]:
         """Per phase: the last epoch's AP/AP50, the lowest AP seen during it and the last text-reliance figures."""
@@ -250,10 +285,10 @@ class ForgettingMonitor:
         if self.baseline is not None:
             lines.append(f"{'base':<10}{self.baseline.AP:>8.3f}{self.baseline.AP50:>8.3f}")
         for row in self.phase_summary():
-            delta = f"{row['delta_AP']:+.3f}" if "delta_AP" in row else ""
+            delta = signed(row["delta_AP"], 3) if "delta_AP" in row else ""
             drop = f"{row['max_drop']:.3f}" if "max_drop" in row else ""
             reliance = row.get("reliance", {})
-            permuted, mean = (f"{reliance[key]:+.3f}" if key in reliance else "" for key in ("permuted", "mean"))
+            permuted, mean = (signed(reliance[key], 3) if key in reliance else "" for key in ("permuted", "mean"))
             lines.append(
                 f"{'phase ' + str(row['phase']):<10}{row['AP']:>8.3f}{row['AP50']:>8.3f}{delta:>8}{drop:>10}"
                 f"{permuted:>9}{mean:>9}"
@@ -268,8 +303,8 @@ class ForgettingMonitor:
         record = measured[-1]
         reliance, where = record["text"]["reliance"], f"phase {record['phase']}, epoch {record['epoch']}"
         figures = (
-            f"AP(real) − AP(mean description) = {reliance['mean']:+.4f}, AP(real) − AP(descriptions permuted across "
-            f"classes) = {reliance['permuted']:+.4f}"
+            f"AP(real) − AP(mean description) = {signed(reliance['mean'])}, AP(real) − AP(descriptions permuted "
+            f"across classes) = {signed(reliance['permuted'])}"
         )
         if reliance["permuted"] == 0 and reliance["mean"] == 0:
             return f"The text was not used ({where}): {figures}, exactly."
@@ -306,10 +341,10 @@ class ForgettingMonitor:
             "|---|---|---|---|---|---|---|---|",
         ]
         for r in records:
-            delta = f"{r['delta_AP']:+.4f}" if "delta_AP" in r else ""
+            delta = signed(r["delta_AP"]) if "delta_AP" in r else ""
             signal = ", ".join(f"{value:.4f}" for value in r["text"].get("added_signal", []))
             reliance = r["text"].get("reliance", {})
-            permuted, mean = (f"{reliance[key]:+.4f}" if key in reliance else "" for key in ("permuted", "mean"))
+            permuted, mean = (signed(reliance[key]) if key in reliance else "" for key in ("permuted", "mean"))
             lines.append(
                 f"| {r['phase']} | {r['epoch']} | {r['AP']:.4f} | {r['AP50']:.4f} | {delta} | {signal} | {permuted} "
                 f"| {mean} |"
@@ -321,7 +356,7 @@ class ForgettingMonitor:
             for name, delta in last["delta_per_class"].items():
                 lines.append(
                     f"| {name} | {baseline.per_class[name]['AP']:.4f} | {last['per_class'][name]['AP']:.4f} "
-                    f"| {delta:+.4f} |"
+                    f"| {signed(delta)} |"
                 )
         if self.writes:
             atomic_write_text(self.output_dir / "report.md", "\n".join(lines) + "\n")
@@ -335,11 +370,13 @@ def format_epoch(record: dict, epochs: int, nonfinite_steps: int) -> str:
     line = f"phase {record['phase']} epoch {record['epoch']}/{epochs}: loss {train_stats.get('loss', float('nan')):.4f}"
     line += f"  AP {record['AP']:.4f}  AP50 {record['AP50']:.4f}"
     if "delta_AP" in record:
-        line += f"  ΔAP {record['delta_AP']:+.4f}"
+        line += f"  ΔAP {signed(record['delta_AP'])}"
     text = record["text"]
     if "added_signal" in text:
         line += f"  added signal {[round(value, 4) for value in text['added_signal']]}"
     if "reliance" in text:
-        line += f"  text reliance: Δperm {text['reliance']['permuted']:+.4f} Δmean {text['reliance']['mean']:+.4f}"
+        line += (
+            f"  text reliance: Δperm {signed(text['reliance']['permuted'])} Δmean {signed(text['reliance']['mean'])}"
+        )
     line += f"  {train_stats['images_per_s']:.1f} img/s"
     return line + (f"  non-finite steps {nonfinite_steps}" if nonfinite_steps else "")

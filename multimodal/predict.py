@@ -16,13 +16,19 @@ Ids, so that ``python -m deim_lib.evaluate --ann`` scores the output directly:
 
 Outputs in ``--output``:
 - ``detections.json``: a standard COCO results list, the top-300 detections of every image **without** a score
-  threshold (COCO evaluation needs the low-score tail), boxes clipped to the image.
+  threshold (COCO evaluation needs the low-score tail). Boxes are the post-processor's, unclipped, as
+  ``train_progressive.py --eval-only`` (and official DEIMv2) scores them and as the ONNX model gives them, so that
+  ``deim_lib.evaluate`` on this file reports the same metrics: clipping a box that reaches past the image's edge
+  changes its IoU, and moved the real DEIMv2-Atto's AP on coco-tiny from 0.278472 to 0.278487.
 - ``images.json``: {"images": [{"id", "file_name" (relative to --images), "width", "height", "visualization"}],
   "categories": [{"id", "name"}]}; with an empty ``annotations`` list it is a COCO ground-truth skeleton.
-- one PNG per image at its original size, with the boxes scoring at least ``--threshold`` drawn (``visualization``).
+- one PNG per image at its original size, with the boxes scoring at least ``--threshold`` drawn, clipped to the
+  image (``visualization``); ``--draw-nms IOU`` draws only the best of the boxes of one class that overlap more.
+All files are written atomically.
 """
 
 import argparse
+import functools
 import json
 import sys
 from collections import Counter
@@ -30,9 +36,11 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import matplotlib
 import torch
 from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor
+from torchvision.ops import batched_nms
 from tqdm import tqdm
 
 from deim_lib.checkpoint import (
@@ -43,23 +51,28 @@ from deim_lib.checkpoint import (
     load_detector_state,
     read_checkpoint,
 )
-from deim_lib.cli import HelpFormatter, report
+from deim_lib.cli import HelpFormatter, make_output_dir, report
 from deim_lib.data.transforms import build_val_transforms
 from deim_lib.errors import CheckpointError, UserError
 from deim_lib.evaluate import coco_results, load_ground_truth
 from deim_lib.model import DEIM, build_detector
 from deim_lib.postprocessor import PostProcessor
 from deim_lib.variants import IMAGENET_MEAN, IMAGENET_STD, get_variant
+from multimodal.files import atomic_write, atomic_write_text
 from multimodal.model import MultimodalDetector, attach_text, load_weights
 from multimodal.phase_checkpoint import PhaseCheckpoint, is_phase_checkpoint
 from multimodal.text_encoder import TextEmbeddings
 
 # Distinct colours, cycled by label, so neighbouring classes differ in the drawings.
 PALETTE = ((230, 25, 75), (60, 180, 75), (0, 130, 200), (245, 130, 48), (145, 30, 180), (70, 240, 240), (240, 50, 230))
+# DejaVu Sans, shipped with matplotlib (a dependency): the same scalable font with Latin, Greek and Cyrillic glyphs on
+# every machine, whereas Pillow's default font depends on how Pillow was built.
+LABEL_FONT = Path(matplotlib.get_data_path(), "fonts", "ttf", "DejaVuSans.ttf")
+TAG_PADDING = 2  # pixels between a label's text and the edge of its tag
 
 
 class InputError(UserError):
-    """No usable input images, or an unusable output folder or --ann file; the message names the path."""
+    """No usable input images, an unusable --ann file or an out-of-range flag; the message names the path or flag."""
 
 
 @dataclass
@@ -191,8 +204,8 @@ def detect(
 ) -> Iterator[tuple[int, Image.Image, dict[str, Tensor]]]:
     """(index in ``paths``, RGB image, detections on the CPU) of every readable image, run ``batch_size`` at a time.
 
-    Detections: ``labels`` int64 [k], ``boxes`` float32 [k, 4] xyxy in pixels of the original image, clipped to it,
-    ``scores`` [k], k = min(300, Q·K), sorted by score.
+    Detections: ``labels`` int64 [k], ``boxes`` float32 [k, 4] xyxy in pixels of the original image (not clipped to
+    it, see the module docstring), ``scores`` [k], k = min(300, Q·K), sorted by score.
     """
     model = inference.model.to(device)
     with tqdm(total=len(paths), desc="predict", unit="img") as bar:
@@ -204,38 +217,95 @@ def detect(
                 sizes = torch.tensor([image.size for _, image in batch], device=device)  # PIL size is (w, h)
                 results = inference.postprocessor(model(images), sizes)
                 for (index, image), result in zip(batch, results, strict=True):
-                    detections = {key: value.cpu() for key, value in result.items()}
-                    limits = torch.tensor([image.width, image.height] * 2, dtype=detections["boxes"].dtype)
-                    detections["boxes"] = torch.minimum(detections["boxes"].clamp(min=0), limits)
-                    yield index, image, detections
+                    yield index, image, {key: value.cpu() for key, value in result.items()}
             bar.update(min(batch_size, len(paths) - start))
 
 
-def draw_detections(
-    image: Image.Image, detections: dict[str, Tensor], class_names: Sequence[str], threshold: float
-) -> Image.Image:
-    """A copy of ``image`` with every detection scoring ≥ ``threshold`` drawn: box outline and "name score" tag.
+@functools.cache
+def label_font(size: int) -> ImageFont.FreeTypeFont:
+    return ImageFont.truetype(LABEL_FONT, size)
 
-    The best detection is drawn last, so it is never hidden under a weaker duplicate; tags stay inside the image and
-    their font grows with it.
+
+def shown_detections(detections: dict[str, Tensor], threshold: float, nms_iou: float | None = None) -> list[int]:
+    """Indices of the detections to draw, best first: those scoring ≥ ``threshold``; with ``nms_iou``, of boxes of
+    one class overlapping by an IoU above it only the best (boxes of different classes never suppress each other)."""
+    keep = (detections["scores"] >= threshold).nonzero().flatten()
+    if nms_iou is not None:
+        boxes, scores, labels = (detections[key][keep] for key in ("boxes", "scores", "labels"))
+        keep = keep[batched_nms(boxes.float(), scores.float(), labels, nms_iou)]
+    return sorted(keep.tolist(), key=lambda index: -float(detections["scores"][index]))
+
+
+def _overlaps(a: tuple[int, int, int, int], b: tuple[int, int, int, int]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def place_labels(
+    boxes: Sequence[Sequence[float]], tag_sizes: Sequence[tuple[int, int]], image_size: tuple[int, int]
+) -> list[tuple[int, int, int, int] | None]:
+    """Where each box's tag goes, (left, top, right, bottom) with right/bottom exclusive, or None for no tag.
+
+    Boxes come best first and take the first free spot of: just above the box, inside its top edge, just below it,
+    each moved sideways and up or down as far as needed to lie inside the image. A tag that would overlap an earlier
+    tag, in every spot, or that is larger than the image, is left out (its box is still drawn): in a crowd the best
+    boxes keep readable labels rather than all of them clipping each other.
+    """
+    width, height = image_size
+    placed: list[tuple[int, int, int, int]] = []
+    spots: list[tuple[int, int, int, int] | None] = []
+    for (x0, y0, _, y1), (tag_width, tag_height) in zip(boxes, tag_sizes, strict=True):
+        spot = None
+        if tag_width <= width and tag_height <= height:
+            left = min(max(0, round(x0)), width - tag_width)
+            for wanted_top in (round(y0) - tag_height, round(y0), round(y1)):
+                top = min(max(0, wanted_top), height - tag_height)
+                candidate = (left, top, left + tag_width, top + tag_height)
+                if not any(_overlaps(candidate, other) for other in placed):
+                    spot = candidate
+                    placed.append(spot)
+                    break
+        spots.append(spot)
+    return spots
+
+
+def draw_detections(
+    image: Image.Image,
+    detections: dict[str, Tensor],
+    class_names: Sequence[str],
+    threshold: float,
+    nms_iou: float | None = None,
+) -> Image.Image:
+    """A copy of ``image`` with the ``shown_detections`` drawn: box outline (clipped to the image) and "name score" tag.
+
+    The best detection is drawn last, so it is never hidden under a weaker duplicate. Tags come after every box (a
+    later box's edge once ran through a tag's text: "baseba l glove"), lie inside the image, never overlap each other
+    (``place_labels``), and their font grows with the image.
     """
     canvas = image.copy()
     draw = ImageDraw.Draw(canvas)
-    font = ImageFont.load_default(size=max(11, round(max(image.size) / 45)))
+    font = label_font(max(11, round(max(image.size) / 45)))
     width = max(1, round(max(image.size) / 400))  # outlines stay visible on large photos
-    keep = (detections["scores"] >= threshold).nonzero().flatten().tolist()
-    for index in sorted(keep, key=lambda i: float(detections["scores"][i])):  # ascending: the best on top
-        label, score = int(detections["labels"][index]), float(detections["scores"][index])
-        box = detections["boxes"][index].tolist()
-        colour = PALETTE[label % len(PALETTE)]
-        draw.rectangle(box, outline=colour, width=width)
-        text = f"{class_names[label]} {score:.2f}"
-        left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-        tag_w, tag_h = right - left + 4, bottom - top + 4
-        x = min(max(0.0, box[0]), max(0.0, image.width - tag_w))  # inside the image, left and right
-        y = box[1] - tag_h if box[1] - tag_h >= 0 else min(max(0.0, box[1]), max(0.0, image.height - tag_h))
-        draw.rectangle((x, y, x + tag_w, y + tag_h), fill=colour)
-        draw.text((x + 2 - left, y + 2 - top), text, fill=(255, 255, 255), font=font)
+    shown = shown_detections(detections, threshold, nms_iou)
+    limits = torch.tensor([image.width, image.height] * 2, dtype=detections["boxes"].dtype)
+    boxes = torch.minimum(detections["boxes"][shown].clamp(min=0), limits).tolist()
+    labels = [int(detections["labels"][index]) for index in shown]
+    texts = [
+        f"{class_names[label]} {float(detections['scores'][index]):.2f}"
+        for label, index in zip(labels, shown, strict=True)
+    ]
+    text_boxes = [font.getbbox(text) for text in texts]
+    tag_sizes = [
+        (right - left + 2 * TAG_PADDING, bottom - top + 2 * TAG_PADDING) for left, top, right, bottom in text_boxes
+    ]
+    for box, label in reversed(list(zip(boxes, labels, strict=True))):  # ascending score: the best on top
+        draw.rectangle(box, outline=PALETTE[label % len(PALETTE)], width=width)
+    spots = place_labels(boxes, tag_sizes, image.size)
+    for spot, label, text, (text_left, text_top, _, _) in zip(spots, labels, texts, text_boxes, strict=True):
+        if spot is not None:
+            left, top, right, bottom = spot
+            draw.rectangle((left, top, right - 1, bottom - 1), fill=PALETTE[label % len(PALETTE)])
+            position = (left + TAG_PADDING - text_left, top + TAG_PADDING - text_top)
+            draw.text(position, text, fill=(255, 255, 255), font=font)
     return canvas
 
 
@@ -269,12 +339,15 @@ def predict(
     batch_size: int = 8,
     threshold: float = 0.3,
     ann: Path | None = None,
+    draw_nms: float | None = None,
 ) -> tuple[list[dict], dict]:
     """Detect on the image file or folder ``images``; write detections.json, images.json and the PNGs to ``output_dir``.
 
     Returns (the COCO results list, the images.json content). Unreadable images are reported and left out; when none
-    can be read (or ``ann`` lists none of them) it is an ``InputError``.
+    can be read (or ``ann`` lists none of them) it is an ``InputError``. An ``output_dir`` (or a subfolder of the
+    drawings) that cannot be a folder is an ``OutputError``.
     """
+    make_output_dir(output_dir, "--output")
     paths = find_images(images, exclude=output_dir)
     root = images if images.is_dir() else images.parent
     relative = [path.relative_to(root) for path in paths]
@@ -292,23 +365,22 @@ def predict(
     if not listed:
         raise InputError(f"--ann {ann}: lists none of the {len(paths)} images in {images}; is it the right file?")
     drawings = visualization_names(relative)
-    output_dir.mkdir(parents=True, exist_ok=True)
     results, entries = [], []
     label_to_category = torch.tensor(category_ids)
     for position, image, detections in detect(inference, [paths[i] for i in listed], device, batch_size):
         index = listed[position]
         results.extend(coco_results(image_ids[index], detections, label_to_category))
-        drawing = output_dir / drawings[index]
-        drawing.parent.mkdir(parents=True, exist_ok=True)
-        draw_detections(image, detections, inference.class_names, threshold).save(drawing)
+        drawing = make_output_dir(output_dir / drawings[index].parent, "--output") / drawings[index].name
+        canvas = draw_detections(image, detections, inference.class_names, threshold, draw_nms)
+        atomic_write(drawing, functools.partial(canvas.save, format="PNG"))
         entry = {"id": image_ids[index], "file_name": relative[index].as_posix(), "width": image.width}
         entries.append(entry | {"height": image.height, "visualization": drawings[index].as_posix()})
     if not entries:
         raise InputError(f"{images}: none of the {len(listed)} images could be read")
     categories = [{"id": int(i), "name": name} for i, name in zip(category_ids, inference.class_names, strict=True)]
     index_file = {"images": entries, "categories": categories}
-    (output_dir / "detections.json").write_text(json.dumps(results))
-    (output_dir / "images.json").write_text(json.dumps(index_file, indent=1))
+    atomic_write_text(output_dir / "detections.json", json.dumps(results))
+    atomic_write_text(output_dir / "images.json", json.dumps(index_file, indent=1))
     return results, index_file
 
 
@@ -322,6 +394,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--output", required=True, type=Path, help="folder for detections.json, images.json, PNGs")
     parser.add_argument("--ann", type=Path, help="COCO file whose image and category ids the output uses")
     parser.add_argument("--threshold", type=float, default=0.3, help="lowest score drawn (the JSON keeps all)")
+    parser.add_argument(
+        "--draw-nms",
+        type=float,
+        metavar="IOU",
+        help="draw only the best of the boxes of one class that overlap by more than this IoU (the JSON keeps all)",
+    )
     parser.add_argument("--batch-size", type=int, default=8, help="images per forward pass")
     parser.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda when available")
     parser.add_argument("--class-names", help="comma-separated names replacing the checkpoint's (e.g. cat,dog)")
@@ -333,19 +411,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         if args.batch_size < 1:
             raise InputError(f"--batch-size must be at least 1, got {args.batch_size}")
+        if args.draw_nms is not None and not 0 <= args.draw_nms <= 1:
+            raise InputError(f"--draw-nms is an IoU in [0, 1], got {args.draw_nms}")
+        make_output_dir(args.output, "--output")  # before the checkpoint is read: a wrong path fails at once
         device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if device.type == "cuda" and not torch.cuda.is_available():
             raise InputError("--device cuda: no CUDA device is available; use --device cpu")
         class_names = [name.strip() for name in args.class_names.split(",")] if args.class_names else None
         inference = load_for_inference(args.checkpoint, class_names)
         results, index_file = predict(
-            inference, args.images, args.output, device, args.batch_size, args.threshold, args.ann
+            inference, args.images, args.output, device, args.batch_size, args.threshold, args.ann, args.draw_nms
         )
     except UserError as error:
         return report(error)
+    drawn = f"score ≥ {args.threshold}" + (f", per-class NMS at IoU {args.draw_nms:g}" if args.draw_nms else "")
     tqdm.write(
         f"{len(index_file['images'])} images, {len(results)} detections → {args.output / 'detections.json'} "
-        f"(drawn: score ≥ {args.threshold})"
+        f"(drawn: {drawn})"
     )
     return 0
 

@@ -33,8 +33,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from deim_lib.cli import HelpFormatter, report
-from deim_lib.errors import UserError
+from deim_lib.cli import HelpFormatter, make_output_dir, report
+from deim_lib.errors import OutputError, UserError
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 RARE_CLASS_FRACTION = 0.1  # a class with fewer objects than this share of the median class is reported
@@ -226,8 +226,15 @@ def _summary(coco: dict) -> str:
 
 
 def _write_json(data: dict, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data))
+    """Write ``data`` to ``path`` (given as --output or named after it); a path that cannot be written is an
+    ``OutputError`` naming it."""
+    make_output_dir(path.parent, "--output")
+    if path.is_dir():
+        raise OutputError(f"--output {path}: is a folder; pass the path of the .json file to write")
+    try:
+        path.write_text(json.dumps(data))
+    except OSError as error:
+        raise OutputError(f"--output {path}: cannot write ({error.strerror}); pass another --output") from None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -243,17 +250,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--val-fraction must lie in (0, 1), got {args.val_fraction}")
     class_names = [name.strip() for name in args.classes.split(",")] if args.classes else None
     try:
+        make_output_dir(args.output.parent, "--output")  # before the conversion: a wrong path fails at once
         coco = convert(args.images, args.annotations, class_names, warn=lambda line: print(line, file=sys.stderr))
-    except ConversionError as error:
+        print(_summary(coco))
+        outputs = [(args.output, coco)]
+        if args.val_fraction is not None:
+            subsets = zip(("train", "val"), split(coco, args.val_fraction, args.seed), strict=True)
+            outputs = [(args.output.with_name(f"{args.output.stem}_{name}.json"), subset) for name, subset in subsets]
+        for path, subset in outputs:
+            _write_json(subset, path)
+            print(f"{path}: {len(subset['images'])} images, {len(subset['annotations'])} boxes")
+    except UserError as error:
         return report(error)
-    print(_summary(coco))
-    outputs = [(args.output, coco)]
-    if args.val_fraction is not None:
-        subsets = zip(("train", "val"), split(coco, args.val_fraction, args.seed), strict=True)
-        outputs = [(args.output.with_name(f"{args.output.stem}_{name}.json"), subset) for name, subset in subsets]
-    for path, subset in outputs:
-        _write_json(subset, path)
-        print(f"{path}: {len(subset['images'])} images, {len(subset['annotations'])} boxes")
     return 0
 
 

@@ -16,7 +16,7 @@ from pycocotools.cocoeval import COCOeval as PyCOCOeval
 from torch import nn
 
 from deim_lib import evaluate
-from deim_lib.evaluate import METRIC_NAMES, coco_metrics, evaluate_detector, gather_detections, main
+from deim_lib.evaluate import METRIC_NAMES, coco_metrics, evaluate_detector, format_table, gather_detections, main
 from deim_lib.postprocessor import PostProcessor
 from tests.conftest import PROJECT_DIR
 
@@ -226,6 +226,14 @@ def test_cli_table_runs_as_module(coco_tiny_ann, tmp_path):
     lines = done.stdout.splitlines()
     assert [line.split()[0] for line in lines[:12]] == list(METRIC_NAMES)
     assert any(line.startswith("person ") for line in lines)
+
+
+def test_the_table_prints_fractions_to_4_decimals_as_the_training_log_does():
+    metrics = dict.fromkeys(METRIC_NAMES, 0.0) | {"AP": 0.2784723629366996, "APs": -1.0}
+    metrics["per_class"] = {"person": {"AP": 0.33599, "AP50": 0.58530}, "toaster": {"AP": -1.0, "AP50": -1.0}}
+    lines = format_table(metrics).splitlines()
+    assert lines[0] == "    AP  0.2785" and lines[3] == "   APs       -"
+    assert lines[-3:] == ["class        AP    AP50", "person   0.3360  0.5853", "toaster       -       -"]
 
 
 @pytest.mark.parametrize("broken", ["missing", "not_json", "wrong_shape", "unknown_image"])

@@ -148,6 +148,25 @@ def test_missing_folder_is_a_one_line_error(tmp_path, capsys):
     assert str(tmp_path / "none") in capsys.readouterr().err
 
 
+def test_an_output_that_cannot_be_written_is_a_one_line_error(tmp_path, capsys):
+    images, xmls = tmp_path / "img", tmp_path / "xml"
+    images.mkdir()
+    xmls.mkdir()
+    Image.new("RGB", (40, 30)).save(images / "a.png")
+    (xmls / "a.xml").write_text(_voc_xml([("dent", (1, 1, 20, 20))]))
+    (tmp_path / "taken").write_text("a file")
+    arguments = ["--images", str(images), "--annotations", str(xmls), "--output"]
+    assert main([*arguments, str(tmp_path / "taken" / "o.json")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --output") and f"{tmp_path / 'taken'} is a file" in error and "\n" not in error
+    (tmp_path / "o_train.json").mkdir()  # a folder where a split file goes
+    assert main([*arguments, str(tmp_path / "o.json"), "--val-fraction", "0.5"]) == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert (
+        error == f"error: --output {tmp_path / 'o_train.json'}: is a folder; pass the path of the .json file to write"
+    )
+
+
 def test_split_is_stratified_by_primary_class_within_one_image(neu_coco):
     _, val = split(neu_coco, 0.2, seed=0)
     primary = primary_categories(neu_coco)

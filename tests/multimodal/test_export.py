@@ -71,6 +71,11 @@ def test_official_checkpoint_export_cli_matches_official_detections(tmp_path, re
     exported = onnx.load(str(output))
     onnx.checker.check_model(exported, full_check=True)
     assert [graph_input.name for graph_input in exported.graph.input] == ["images", "orig_target_sizes"]
+    shapes = {
+        graph_output.name: [axis.dim_param or axis.dim_value for axis in graph_output.type.tensor_type.shape.dim]
+        for graph_output in exported.graph.output
+    }
+    assert shapes == {"labels": ["N", 300], "boxes": ["N", 300, 4], "scores": ["N", 300]}  # only N is dynamic
     metadata = {entry.key: json.loads(entry.value) for entry in exported.metadata_props}
     assert metadata == {"variant": "atto", "class_names": CLASS_NAMES, "image_size": 320, "normalize": None}
 
@@ -88,4 +93,17 @@ def test_export_cli_reports_a_bad_checkpoint_or_opset_in_one_line(tmp_path, caps
     assert main(["--checkpoint", str(tmp_path / "bad.pth"), "--output", str(tmp_path / "m.onnx"), "--opset", "5"]) == 2
     assert capsys.readouterr().err.strip() == (
         "error: --opset 5: choose 16–20 (the decoder needs grid_sample, opset 16; the exporter goes up to 20)"
+    )
+
+
+def test_export_cli_reports_an_output_that_cannot_be_written_in_one_line(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    never_read = str(tmp_path / "never_read.pth")  # the output is checked before the checkpoint is read
+    assert main(["--checkpoint", never_read, "--output", str(tmp_path / "taken" / "model.onnx")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --output") and f"{tmp_path / 'taken'} is a file" in error and "\n" not in error
+    assert main(["--checkpoint", never_read, "--output", str(tmp_path)]) == 2
+    assert (
+        capsys.readouterr().err.strip()
+        == f"error: --output {tmp_path}: is a folder; pass the path of the .onnx file to write"
     )

@@ -3,12 +3,13 @@ saved mix (a phase checkpoint that official tools read)."""
 
 import json
 
+import matplotlib.pyplot as plt
 import pytest
 import torch
 
 import train_progressive
 from deim_lib import build_detector, load_official_checkpoint
-from multimodal.interpolate import main, mix_states
+from multimodal.interpolate import choose_weight, curve_figure, main, mix_states
 from multimodal.predict import load_for_inference
 from tests.test_train_progressive import IMAGE_SIZE, official_checkpoint, write_config
 
@@ -70,3 +71,47 @@ def test_bad_weights_and_mismatched_detectors_are_one_line_errors(runs, tmp_path
     other = official_checkpoint(tmp_path / "c3.pth", num_classes=3)
     assert main(["--base", str(other), *common]) == 2
     assert "hold different detectors" in capsys.readouterr().err
+
+
+def test_a_chosen_weight_outside_weights_is_evaluated_and_said_so(runs, capsys):
+    output = runs["folder"] / "mix_chosen"
+    arguments = ["--base", runs["base"], "--finetuned", runs["out"] / "phase1_best.pth", "--weights", "0", "1"]
+    assert main([str(a) for a in [*arguments, "--choose", "0.3", "--output", output]]) == 0
+    out = capsys.readouterr().out
+    assert "--choose 0.3 is not among --weights: evaluating it as well" in out
+    assert "saved weight 0.3, as --choose asks" in out
+    curve = json.loads((output / "curve.json").read_text())
+    assert [point["weight"] for point in curve["points"]] == [0.0, 1.0, 0.3] and curve["chosen"] == 0.3
+    assert torch.load(output / "wise_ft.pth", weights_only=True)["best_metric"] == curve["points"][2]["AP"]
+
+
+def test_the_best_weight_wins_and_of_tied_weights_the_one_nearest_the_base():
+    def points(*aps):
+        return [{"weight": weight, "AP": ap} for weight, ap in zip((1.0, 0.5, 0.0), aps, strict=True)]
+
+    assert choose_weight(points(0.3, 0.4, 0.2), None) == (0.5, "weight 0.5, the best AP 0.4000")
+    assert choose_weight(points(0.4, 0.4, 0.2), None) == (
+        0.5,
+        "weight 0.5, the nearest the base: weights 0.5, 1 tie for the best AP 0.4000",
+    )
+    assert choose_weight(points(0.4, 0.4, 0.4), None) == (0.0, "the base (weight 0): all 3 weights tie at AP 0.4000")
+    assert choose_weight(points(0.4, 0.4, 0.4), 1.0) == (1.0, "weight 1, as --choose asks")
+
+
+def test_the_curve_marks_the_saved_weight():
+    points = [{"weight": weight, "AP": ap, "AP50": ap + 0.2} for weight, ap in ((0.0, 0.30), (1.0, 0.32), (0.3, 0.31))]
+    figure = curve_figure(points, chosen=0.3)
+    axis = figure.axes[0]
+    (marker,) = [line for line in axis.get_lines() if line.get_label() == "saved: 0.3"]
+    assert list(marker.get_xdata()) == [0.3] and list(marker.get_ydata()) == [0.31]
+    assert "saved: 0.3" in [text.get_text() for text in axis.get_legend().get_texts()]
+    plt.close(figure)
+
+
+def test_an_output_folder_that_is_a_file_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "taken").write_text("a file")
+    never_read = str(tmp_path / "never_read.pth")  # the output is checked before the checkpoints are read
+    arguments = ["--base", never_read, "--finetuned", never_read, "--output", str(tmp_path / "taken" / "out")]
+    assert main(arguments) == 2
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("error: --output") and f"{tmp_path / 'taken'} is a file" in error and "\n" not in error
