@@ -179,7 +179,7 @@ def train_one_epoch(setup: PhaseSetup, loader, run: Run, progress: PhaseProgress
         seen += len(images) * run.context.world_size
         for name, value in (("loss", sum(losses.values())), *losses.items()):
             sums[name] = sums.get(name, 0.0) + value.detach()  # stays on the device: no sync per term
-        lr = setup.optimizer.param_groups[0]["lr"]
+        lr = head_lr(setup.optimizer)
         board.step(state.step, losses, lr)
         if state.epoch_steps_taken % 10 == 1:  # the mean loss costs a host sync: every 10 steps; the LR is free
             shown_loss = f"{float(sums['loss']) / state.epoch_steps_taken:.3f}"
@@ -190,8 +190,13 @@ def train_one_epoch(setup: PhaseSetup, loader, run: Run, progress: PhaseProgress
     seconds = time.perf_counter() - start
     means = {name: float(value) / max(1, state.epoch_steps_taken) for name, value in sums.items()}
     state.epoch_loss_sums, state.epoch_steps_taken = {}, 0
-    lr = setup.optimizer.param_groups[0]["lr"]
+    lr = head_lr(setup.optimizer)
     return means | {"lr": lr, "images_per_s": seen / seconds, "seconds": seconds}
+
+
+def head_lr(optimizer: torch.optim.Optimizer) -> float:
+    """The phase's LR as it is now (the backbone's group, in phase 0, runs at a fraction of it)."""
+    return max(group["lr"] for group in optimizer.param_groups)
 
 
 def kept_checkpoint(run: Run, index: int) -> str:
@@ -219,8 +224,7 @@ def evaluate(model, run: Run, reliance: bool = False) -> dict:
 
 def format_evaluation(metrics: dict, per_class: bool) -> str:
     """``--eval-only``'s table: COCO's summary metrics, the per-class AP when asked, and the text figures."""
-    summary, _, classes = format_table(metrics).partition("\n\n")
-    lines = [summary, *([classes] if per_class else [])]
+    lines = [format_table(metrics, per_class)]
     text = metrics["text"]
     if text:
         lines.append(
@@ -367,7 +371,8 @@ def run_time_left(run: Run, index: int, epochs_done: int, epoch_seconds: float) 
     later = [phase for phase in run.phases if phase > index]
     epochs_left = run.config.phase(index).epochs - epochs_done + sum(run.config.phase(phase).epochs for phase in later)
     minutes = epochs_left * epoch_seconds / 60
-    return f"run: about {minutes:.0f} min left ({epochs_left} epochs of phases {index}–{run.phases[-1]} at this pace)"
+    epochs = f"{epochs_left} epoch{'s' if epochs_left != 1 else ''}"
+    return f"run: about {minutes:.0f} min left ({epochs} of phases {index}–{run.phases[-1]} at this pace)"
 
 
 def prepare_model(run: Run, detector, model, start: StartPoint, index: int, eval_only: bool):

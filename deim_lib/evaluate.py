@@ -168,10 +168,12 @@ def load_detections(path: Path, coco_gt: COCO) -> list[dict]:
     return data
 
 
-def format_table(metrics: dict) -> str:
-    """The 12 summary metrics, then per-class AP and AP50, as aligned text: fractions to 4 decimals, as the training
-    log prints them, "-" where undefined."""
+def format_table(metrics: dict, per_class: bool = True) -> str:
+    """The 12 summary metrics, then (``per_class``) per-class AP and AP50, as aligned text: fractions to 4 decimals,
+    as the training log prints them, "-" where undefined."""
     lines = [f"{name:>6}  {_fraction(metrics[name])}" for name in METRIC_NAMES]
+    if not per_class:
+        return "\n".join(lines)
     width = max((len(name) for name in metrics["per_class"]), default=5)
     lines += ["", f"{'class':<{width}}  {'AP':>6}  {'AP50':>6}"]
     lines += [
