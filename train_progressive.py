@@ -287,6 +287,7 @@ def run_phase(index: int, model, constants: frozenset[int], start: StartPoint, r
         run.info.seed,
         context.rank,
         context.world_size,
+        pin_memory=context.device.type == "cuda",
     )
     steps = phase.epochs * data.batches_per_epoch
     if phase.warmup_iters >= steps:
@@ -423,7 +424,12 @@ def prepare_run(
     image_size = config.model.image_size  # resolved by the config loader
     val_dataset = loaders.build_val_dataset(config.data, variant, image_size)
     val_loader = loaders.build_val_loader(
-        val_dataset, config.data.val_batch_size, config.data.num_workers, context.rank, context.world_size
+        val_dataset,
+        config.data.val_batch_size,
+        config.data.num_workers,
+        context.rank,
+        context.world_size,
+        pin_memory=context.device.type == "cuda",
     )
     info = RunInfo(
         variant.name, image_size, val_dataset.class_names, val_dataset.category_ids, config_to_dict(config), seed

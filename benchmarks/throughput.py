@@ -40,7 +40,7 @@ from multimodal.config import TrainConfig
 from multimodal.model import attach_text
 from multimodal.monitor import device_name
 from multimodal.phases import compile_frozen_parts, constant_parameters
-from multimodal.training import PhaseSetup, setup_phase, train_step
+from multimodal.training import PhaseSetup, setup_phase, train_step, uses_bf16
 
 CASES = ("full", "phase1", "phase2", "phase3", "eval")
 TRAIN_CASES = CASES[:4]
@@ -59,7 +59,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per case")
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps before them")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=True, help="bf16 autocast (CUDA)")
+    parser.add_argument(
+        "--amp",
+        action=argparse.BooleanOptionalAction,
+        help="bf16 autocast: --amp on any device (the CPU too), --no-amp never; default: on CUDA only, as training",
+    )
     parser.add_argument("--num-classes", type=int, default=80)
     parser.add_argument("--boxes-per-image", type=int, default=6)
     parser.add_argument("--cases", nargs="+", choices=CASES, default=list(CASES))
@@ -135,7 +139,7 @@ def build_case(name: str, args: argparse.Namespace, device: torch.device) -> Cas
             compile_frozen_parts(model.parts())
         return Case(model, trainable_params=0)
     index = 0 if name == "full" else int(name.removeprefix("phase"))
-    phase = replace(TrainConfig().phase(index), ema=args.ema, amp=args.amp)
+    phase = replace(TrainConfig().phase(index), ema=args.ema, amp=args.amp is not False, amp_on_cpu=args.amp is True)
     setup = setup_phase(index, model, constants, phase, variant, args.num_classes, device, compile_frozen=args.compile)
     setup.train_mode()
     return Case(model, setup.trainable_count(), setup)
@@ -275,7 +279,7 @@ def run_case(name: str, args: argparse.Namespace, device: torch.device, batch: t
     images, targets = batch
     start_rss = reset_peak_memory(device)
     case = build_case(name, args, device)
-    amp = args.amp and device.type == "cuda"
+    amp = uses_bf16(args.amp is not False, args.amp is True, device)
     if name == "eval":
         postprocessor = PostProcessor(args.num_classes)
         sizes = torch.tensor([[args.image_size, args.image_size]], device=device).expand(len(images), -1)
@@ -347,9 +351,10 @@ def main(argv: list[str] | None = None) -> int:
             result["speedup_vs_full"] = result["images_per_s"] / results["full"]["images_per_s"]
 
     memory_label = "peak alloc" if device.type == "cuda" else "peak RSS delta"
+    precision = "bf16 autocast" if uses_bf16(args.amp is not False, args.amp is True, device) else "float32"
     print(
-        f"{args.variant} bs {args.batch_size} {args.image_size}px on {device_name(device)}, amp "
-        f"{args.amp and device.type == 'cuda'}, {args.steps} steps after {args.warmup} warm-up"
+        f"{args.variant} bs {args.batch_size} {args.image_size}px on {device_name(device)}, {precision}, "
+        f"{args.steps} steps after {args.warmup} warm-up"
     )
     print(format_table(results, memory_label))
     for name, result in results.items():
@@ -362,6 +367,7 @@ def main(argv: list[str] | None = None) -> int:
         "device": device_name(device),
         "device_type": device.type,
         "torch": torch.__version__,
+        "precision": precision,
         "args": {key: str(value) if isinstance(value, Path) else value for key, value in vars(args).items()},
         "memory_kind": "torch.cuda.max_memory_allocated" if device.type == "cuda" else "peak RSS delta (approximate)",
         "results": results,

@@ -92,7 +92,8 @@ class PhaseConfig:
     ema_decay: float = 0.9999
     ema_warmups: int = 1000
     grad_clip: float = 0.1  # 0: no clipping
-    amp: bool | None = None  # bf16 autocast of the forward: None = on CUDA only (float32 on CPU), true = any device
+    amp: bool = True  # bf16 autocast of the forward on CUDA
+    amp_on_cpu: bool = False  # with amp, on the CPU too (not faster there for these models: docs/speed_notes.md)
     checkpoint_every_steps: int = 0  # 0: only at epoch ends
 
 

@@ -164,6 +164,7 @@ class TrainingData:
     seed: int
     rank: int = 0
     world_size: int = 1
+    pin_memory: bool = False  # on CUDA: page-locked batches, so that the non-blocking copies do not wait
 
     def __post_init__(self) -> None:
         per_process = self.data.batch_size // self.world_size
@@ -194,13 +195,19 @@ class TrainingData:
             collate_fn=collate,
             generator=torch.Generator().manual_seed(self.seed + epoch),  # worker seeds must not consume the global RNG
             persistent_workers=False,
+            pin_memory=self.pin_memory,
         )
 
 
 def build_val_loader(
-    dataset: CocoDetection, batch_size: int, num_workers: int, rank: int = 0, world_size: int = 1
+    dataset: CocoDetection,
+    batch_size: int,
+    num_workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
 ) -> DataLoader:
-    """This rank's share of the validation set, in order (ranks take interleaved images)."""
+    """This rank's share of the validation set, in order (ranks take interleaved images); ``pin_memory`` on CUDA."""
     indices = list(range(rank, len(dataset), world_size))
     return DataLoader(
         torch.utils.data.Subset(dataset, indices),
@@ -208,4 +215,5 @@ def build_val_loader(
         num_workers=num_workers,
         collate_fn=BatchImageCollate(None),
         generator=torch.Generator().manual_seed(0),
+        pin_memory=pin_memory,
     )

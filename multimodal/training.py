@@ -3,6 +3,7 @@
 """
 
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import torch
@@ -97,8 +98,14 @@ def setup_phase(
             compile_frozen_parts(model_parts(ema.module), compiled)  # the EMA copy evaluates: the same parts
     net = wrap_distributed(model, device, world_size, find_unused="decoder" in phase.trainable)
     criterion = build_criterion(variant.name, num_classes).to(device)
-    use_amp = phase.amp and device.type == "cuda"
+    use_amp = uses_bf16(phase.amp, phase.amp_on_cpu, device)
     return PhaseSetup(index, model, net, parts, policy, optimizer, ema, criterion, lr, use_amp, phase.grad_clip)
+
+
+def uses_bf16(amp: bool, amp_on_cpu: bool, device: torch.device) -> bool:
+    """Whether a step on ``device`` runs its forward under bf16 autocast: with ``amp`` on CUDA, and on any other device
+    only when also ``amp_on_cpu`` (bf16 is not faster on the CPU for these models, docs/speed_notes.md)."""
+    return amp and (device.type == "cuda" or amp_on_cpu)
 
 
 def float32(outputs):
@@ -119,13 +126,16 @@ def _no_lap(part: str) -> None:
 def train_step(
     setup: PhaseSetup, images: Tensor, targets: list[dict], epoch: int, lap: Callable[[str], None] = _no_lap
 ) -> tuple[dict[str, Tensor], bool]:
-    """Forward (bf16 autocast on CUDA), DEIMv2 loss in float32, backward, clipping, AdamW and EMA.
+    """Forward (under bf16 autocast on the images' device when ``setup.use_amp``), DEIMv2 loss in float32, backward,
+    clipping, AdamW and EMA.
 
     Returns the weighted loss terms (device tensors) and whether the step was taken. It is skipped on every rank
     when any rank sees a non-finite loss, output or gradient norm: the criterion zeroes NaN terms as official DEIMv2
     does, so the loss alone would hide a diverged model. ``lap(part)`` is called after each part.
     """
-    with torch.autocast(images.device.type, dtype=torch.bfloat16, enabled=setup.use_amp):
+    # No autocast context at all in float32: torch.autocast refuses device types it has no rules for, even disabled.
+    precision = torch.autocast(images.device.type, dtype=torch.bfloat16) if setup.use_amp else nullcontext()
+    with precision:
         outputs = setup.net(images, targets)
     outputs = float32(outputs) if setup.use_amp else outputs
     lap("forward")
