@@ -29,7 +29,7 @@ case "$command" in
     # One annotated validation image from the final model, the one docs/demo_prediction.png shows (skipped when the
     # arguments asked for no training, e.g. --help).
     if [ -f checkpoints/demo/phase3_best.pth ]; then
-      .venv/bin/python -m multimodal.predict --checkpoint checkpoints/demo/phase3_best.pth \
+      .venv/bin/python -m multimodal.tools.predict --checkpoint checkpoints/demo/phase3_best.pth \
           --images data/synthetic_defects/images/val/00002.jpg --output checkpoints/demo/prediction --draw-nms 0.5
     fi
     ;;

@@ -106,13 +106,14 @@ from deim_lib.data.dataset import CocoDetection
 from deim_lib.errors import UserError
 from deim_lib.evaluate import evaluate_detector, format_table
 from deim_lib.variants import Variant, get_variant
-from multimodal import distributed, loaders
 from multimodal.config import ConfigError, TrainConfig, changed_values, config_to_dict, config_to_yaml, load_config
+from multimodal.data import loaders
 from multimodal.files import file_sha256, remove_stale_temporaries
-from multimodal.model import MultimodalDetector, attach_text, load_weights
-from multimodal.monitor import ForgettingMonitor, format_epoch, machine, signed
-from multimodal.optimization import lr_factor, set_lr
-from multimodal.phase_checkpoint import (
+from multimodal.model.detector import MultimodalDetector, attach_text, load_weights
+from multimodal.model.text_encoder import TextEmbeddings, class_embeddings
+from multimodal.model.text_usage import evaluate_with_text
+from multimodal.train import distributed
+from multimodal.train.checkpoint import (
     PhaseProgress,
     RunInfo,
     TrainingState,
@@ -120,12 +121,12 @@ from multimodal.phase_checkpoint import (
     read_phase_checkpoint,
     save_phase_checkpoint,
 )
-from multimodal.phases import constant_parameters
-from multimodal.start import StartPoint, check_resumable, resolve_start, resumed_config
-from multimodal.tensorboard_log import TensorBoardLog
-from multimodal.text_encoder import TextEmbeddings, class_embeddings
-from multimodal.text_usage import evaluate_with_text
-from multimodal.training import PhaseSetup, TrainingError, checkpoint_now, restore_phase, setup_phase, train_step
+from multimodal.train.freezing import constant_parameters
+from multimodal.train.monitor import ForgettingMonitor, format_epoch, machine, signed
+from multimodal.train.optimization import lr_factor, set_lr
+from multimodal.train.start import StartPoint, check_resumable, resolve_start, resumed_config
+from multimodal.train.step import PhaseSetup, TrainingError, checkpoint_now, restore_phase, setup_phase, train_step
+from multimodal.train.tensorboard_log import TensorBoardLog
 
 
 @dataclass

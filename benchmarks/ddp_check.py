@@ -26,11 +26,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from benchmarks.throughput import synthetic_batch
 from deim_lib import build_detector, get_variant
 from deim_lib.evaluate import gather_detections
-from multimodal import distributed
 from multimodal.config import TrainConfig
-from multimodal.model import attach_text
-from multimodal.phases import constant_parameters
-from multimodal.training import setup_phase, train_step
+from multimodal.model.detector import attach_text
+from multimodal.train import distributed
+from multimodal.train.freezing import constant_parameters
+from multimodal.train.step import setup_phase, train_step
 
 NUM_CLASSES = 5
 TEXT_DIM = 32

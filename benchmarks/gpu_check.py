@@ -37,7 +37,7 @@ from pathlib import Path
 # Run as ``python benchmarks/gpu_check.py``: the project packages (read for the checkpoints' state) live one folder up.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from multimodal.phase_checkpoint import read_phase_checkpoint
+from multimodal.train.checkpoint import read_phase_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 STAGE = ROOT / ".gpu_check"  # what gpu_check.sh --prepare writes: wheels/ and shared/
@@ -91,7 +91,7 @@ DRY_RUN = Counts(
     phase2_epochs=2,
     checkpoint_every_steps=1,
     ddp=("--image-size", "160", "--batch-size", "2"),
-    # torch.compile takes a minute on a shared CPU: tests/multimodal/test_compile.py runs it, and
+    # torch.compile takes a minute on a shared CPU: tests/multimodal/train/test_compile.py runs it, and
     # tests/test_gpu_check.py parses the real run's arguments.
     throughput={
         "atto_2_160": (
@@ -255,7 +255,7 @@ def predict_evaluate(run: Run, limit_s: float) -> str:
     predictions = run.work / "predictions"
     checkpoint = str(run.run_dir / "phase2_best.pth")
     images, ann = str(run.data["val_images"]), str(run.data["val_annotations"])
-    predict = ["-m", "multimodal.predict", "--checkpoint", checkpoint, "--images", images, "--ann", ann]
+    predict = ["-m", "multimodal.tools.predict", "--checkpoint", checkpoint, "--images", images, "--ann", ann]
     run.command(*predict, "--output", str(predictions), "--device", run.device, limit_s=limit_s * 2 / 3)
     detections = str(predictions / "detections.json")
     evaluate = ["-m", "deim_lib.evaluate", "--ann", ann, "--detections", detections, "--json"]
@@ -273,7 +273,7 @@ def predict_evaluate(run: Run, limit_s: float) -> str:
 def export(run: Run, limit_s: float) -> str:
     model = run.work / "model.onnx"
     checkpoint = str(run.run_dir / "phase2_best.pth")
-    run.command("-m", "multimodal.export", "--checkpoint", checkpoint, "--output", str(model), limit_s=limit_s)
+    run.command("-m", "multimodal.tools.export", "--checkpoint", checkpoint, "--output", str(model), limit_s=limit_s)
     return f"{model.name}: {model.stat().st_size / 2**20:.1f} MiB"
 
 

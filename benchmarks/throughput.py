@@ -3,7 +3,7 @@
 One run measures, for one variant, batch size and resolution on one device: ``full`` (the bare detector with phase
 0's recipe, everything trainable but the official constants), ``phase1``–``phase3`` (the text-fusion model with the
 phase's parts trainable) and ``eval`` (eval forward + post-processing of the text-fusion model). The training cases
-are set up and stepped by ``multimodal.training`` (``setup_phase``, ``train_step``): the code train_progressive.py
+are set up and stepped by ``multimodal.train.step`` (``setup_phase``, ``train_step``): the code train_progressive.py
 runs, timed as it is.
 
     python benchmarks/throughput.py --variant s --batch-size 16 --image-size 640 --device cuda
@@ -37,10 +37,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deim_lib import VARIANTS, PostProcessor, build_detector, get_variant
 from multimodal.config import TrainConfig
-from multimodal.model import attach_text
-from multimodal.monitor import device_name
-from multimodal.phases import compile_frozen_parts, constant_parameters
-from multimodal.training import PhaseSetup, setup_phase, train_step, uses_bf16
+from multimodal.model.detector import attach_text
+from multimodal.train.freezing import compile_frozen_parts, constant_parameters
+from multimodal.train.monitor import device_name
+from multimodal.train.step import PhaseSetup, setup_phase, train_step, uses_bf16
 
 CASES = ("full", "phase1", "phase2", "phase3", "eval")
 TRAIN_CASES = CASES[:4]
@@ -113,7 +113,7 @@ def synthetic_batch(
 
 @dataclass
 class Case:
-    """One model ready to be timed: a training phase's setup (``multimodal.training``), or an eval-mode model."""
+    """One model ready to be timed: a training phase's setup (``multimodal.train.step``), or an eval-mode model."""
 
     model: nn.Module
     trainable_params: int

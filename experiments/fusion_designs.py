@@ -25,8 +25,8 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
 
-import multimodal.fusion
-import multimodal.model
+import multimodal.model.detector
+import multimodal.model.fusion
 import train_progressive
 
 
@@ -71,7 +71,7 @@ class ZeroOutputAttention(GatedAttention):
         return feat + self.scale * self.attend(feat, text)
 
 
-class CentredUnscaled(multimodal.fusion.LevelFusion):
+class CentredUnscaled(multimodal.model.fusion.LevelFusion):
     """The package's design without the 1/√C output scale."""
 
     def __init__(self, channels: int, text_dim: int, num_heads: int):
@@ -100,9 +100,9 @@ DESIGNS = {
     "zero_output": (ZeroOutputAttention, None),
     "zero_output_scaled": (lambda c, t, h: ZeroOutputAttention(c, t, h, scale=1 / math.sqrt(c)), None),
     "centred": (CentredUnscaled, None),
-    "centred_scaled": (multimodal.fusion.LevelFusion, None),  # the package's design
+    "centred_scaled": (multimodal.model.fusion.LevelFusion, None),  # the package's design
     "gate+cosine_classifier": (GatedAttention, CosineClassifier),
-    "centred_scaled+classifier": (multimodal.fusion.LevelFusion, multimodal.fusion.TextAwareClassifier),
+    "centred_scaled+classifier": (multimodal.model.fusion.LevelFusion, multimodal.model.fusion.TextAwareClassifier),
 }
 
 
@@ -111,9 +111,9 @@ def run(design: str, seed: int, out: Path, config: str, threads: int) -> Path:
     directory = out / f"{design}_s{seed}"
     if (directory / "wall_seconds.txt").is_file():
         return directory  # finished before (written last; phase1_last.pth exists after every epoch)
-    multimodal.fusion.LevelFusion = level  # looked up by MultimodalFusionModule when it builds its levels
+    multimodal.model.fusion.LevelFusion = level  # looked up by MultimodalFusionModule when it builds its levels
     if classifier is not None:
-        multimodal.model.TextAwareClassifier = classifier  # looked up by attach_text
+        multimodal.model.detector.TextAwareClassifier = classifier  # looked up by attach_text
     torch.set_num_threads(threads)
     arguments = ["--config", config, "--phase", "1", "--seed", str(seed), "--output-dir", str(directory)]
     if classifier is not None:

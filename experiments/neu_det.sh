@@ -8,7 +8,7 @@ config=configs/neu_det.yaml
 out=runs/neu_det
 
 # 1. VOC → COCO with a seeded, class-stratified 80/20 split (the recipe, not the data, lives in the repo).
-$python -m deim_lib.data.voc2coco --images ../shared/datasets/neu-det/images \
+$python -m multimodal.data.voc2coco --images ../shared/datasets/neu-det/images \
     --annotations ../shared/datasets/neu-det/annotations --output data/neu_det.json --val-fraction 0.2 --seed 0
 
 # 2. Base detectors: atto from scratch (no pretrained backbone offline), then 12 more epochs at half the LR.

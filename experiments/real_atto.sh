@@ -62,7 +62,7 @@ for seed in "${seeds[@]}"; do
   train batchnorm_drift "$seed" 1 "${joint[@]}" --set phase1.lr=0
   # WiSE-FT: the joint 2e-4 end point mixed with the base (once that run is finished).
   if [ ! -f "$out/wise_ft_s$seed/curve.json" ] && [ -f "$out/joint_2e-4_s$seed/phase1.done" ]; then
-    $python -m multimodal.interpolate --base ../shared/real/deimv2_atto_coco.pth \
+    $python -m multimodal.tools.interpolate --base ../shared/real/deimv2_atto_coco.pth \
         --finetuned "$out/joint_2e-4_s$seed/phase1_last.pth" --weights 0 0.2 0.4 0.6 0.8 1 --output "$out/wise_ft_s$seed"
   fi
   train joint_backbone_2e-5 "$seed" 1 --set "phase1.trainable=[fusion, backbone, encoder, decoder]" \

@@ -4,7 +4,8 @@ command line and the forgetting monitor. Plain data, no torch: ``train_progressi
 
 from dataclasses import dataclass
 
-# The parts a phase can train (``multimodal.model.MultimodalDetector.parts``); "decoder" includes both head groups.
+# The parts a phase can train (``MultimodalDetector.parts`` in multimodal/model/detector.py); "decoder" includes both
+# head groups.
 PART_NAMES = ("backbone", "encoder", "decoder", "class_heads", "box_heads", "fusion")
 
 

@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from deim_lib.data.synthetic import generate
+from multimodal.data.synthetic import generate
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = 160  # of the tiny generated dataset the end-to-end tests train on

@@ -8,8 +8,8 @@ from torch import nn
 
 from benchmarks.throughput import CASES, build_case, main, parse_args, profile_steps, synthetic_batch
 from deim_lib import build_detector, get_variant
-from multimodal.model import attach_text
-from multimodal.phases import constant_parameters
+from multimodal.model.detector import attach_text
+from multimodal.train.freezing import constant_parameters
 
 
 def _count(modules: list[nn.Module]) -> int:
@@ -59,13 +59,13 @@ def test_record_holds_every_case_and_phase1_trains_exactly_the_fusion_parameters
 
 
 def test_the_benchmark_times_the_training_step_of_train_progressive():
-    """One setup and one step: the benchmark imports them from multimodal.training, as the training script does."""
+    """One setup and one step: the benchmark imports them from multimodal.train.step, as the training script does."""
     import train_progressive
     from benchmarks import throughput
-    from multimodal import training
+    from multimodal.train import step
 
-    assert throughput.train_step is training.train_step is train_progressive.train_step
-    assert throughput.setup_phase is training.setup_phase is train_progressive.setup_phase
+    assert throughput.train_step is step.train_step is train_progressive.train_step
+    assert throughput.setup_phase is step.setup_phase is train_progressive.setup_phase
 
 
 @pytest.mark.parametrize("variant", ["atto", "l"])

@@ -36,7 +36,7 @@ def run_demo(folder, *arguments: str) -> list[str]:
 def test_the_demo_trains_then_draws_one_validation_image_into_its_output_folder(tmp_path):
     assert run_demo(tmp_path, "--set", "seed=1") == [
         "train_progressive.py --config configs/demo.yaml --phase all --output-dir checkpoints/demo --set seed=1",
-        "-m multimodal.predict --checkpoint checkpoints/demo/phase3_best.pth "
+        "-m multimodal.tools.predict --checkpoint checkpoints/demo/phase3_best.pth "
         "--images data/synthetic_defects/images/val/00002.jpg --output checkpoints/demo/prediction --draw-nms 0.5",
     ]
 

@@ -15,12 +15,12 @@ import torch
 import yaml
 
 import multimodal.files
-import multimodal.training
+import multimodal.train.step
 import train_progressive
 from deim_lib import build_detector, load_official_checkpoint
-from deim_lib.data.synthetic import CLASS_DESCRIPTIONS
-from multimodal.model import attach_text
-from multimodal.phases import apply_phase, constant_parameters
+from multimodal.data.synthetic import CLASS_DESCRIPTIONS
+from multimodal.model.detector import attach_text
+from multimodal.train.freezing import apply_phase, constant_parameters
 from tests.conftest import IMAGE_SIZE, PROJECT_DIR
 from tests.multimodal.test_files import FullDisk
 
@@ -183,7 +183,7 @@ def test_readme_resume_command_after_sigkill_finishes_with_the_uninterrupted_wei
 
 def interrupt_after(monkeypatch, steps: int) -> None:
     """Ctrl-C during the ``steps + 1``-th training step."""
-    real_step, calls = multimodal.training.train_step, []
+    real_step, calls = multimodal.train.step.train_step, []
 
     def step(*args, **kwargs):
         calls.append(1)
@@ -312,7 +312,7 @@ def test_eval_only_of_an_unfinished_resume_point_gives_the_ap_its_run_recorded(t
 
 def poison_after(monkeypatch, steps: int) -> None:
     """From the ``steps + 1``-th call on, the criterion returns NaN losses."""
-    real_build = multimodal.training.build_criterion
+    real_build = multimodal.train.step.build_criterion
 
     class Poisoned(torch.nn.Module):
         def __init__(self, criterion):
@@ -324,7 +324,7 @@ def poison_after(monkeypatch, steps: int) -> None:
             losses = self.criterion(outputs, targets, epoch=epoch)
             return losses if self.calls <= steps else {k: v * float("nan") for k, v in losses.items()}
 
-    monkeypatch.setattr(multimodal.training, "build_criterion", lambda *args: Poisoned(real_build(*args)))
+    monkeypatch.setattr(multimodal.train.step, "build_criterion", lambda *args: Poisoned(real_build(*args)))
 
 
 def test_resume_takes_the_run_steering_values_of_the_new_config(tmp_path, config, base, capsys, monkeypatch):

@@ -1,0 +1,146 @@
+"""A DEIMv2 detector with class text embeddings fused between its encoder and its decoder.
+
+The detector stays an unchanged child (``detector.*`` keys are the official ones), so its part of the weights can be
+saved back as an official checkpoint: ``split_state`` separates it from the fusion weights and ``load_weights`` puts
+both back. The text embeddings are a non-persistent buffer: they follow ``.to(device)`` but stay out of the
+state_dict; checkpoints carry ``TextEmbeddings.to_dict()`` beside it, with the prompts it came from.
+"""
+
+from collections.abc import Mapping
+from functools import partial
+
+import torch
+from torch import Tensor, nn
+
+from deim_lib.checkpoint import CheckpointError
+from deim_lib.model import DEIM
+from multimodal.model.fusion import MultimodalFusionModule, TextAwareClassifier
+
+DETECTOR_PREFIX = "detector."
+FUSION_PREFIXES = ("fusion.", "text_classifier.")
+
+
+class MultimodalDetector(nn.Module):
+    """DEIMv2 with text fusion: backbone → encoder → ``fusion`` (with the class embeddings) → decoder.
+
+    ``text_embeddings``: float32 [K, D_t], row k describes class k, K = the detector's class count. With a
+    ``text_classifier`` its B×Q'×K output is added to every decoder score head. ``forward(images, targets=None)`` takes
+    and returns exactly what ``DEIM.forward`` does: B×3×H×W images; eval mode → ``pred_logits`` B×Q×K and
+    ``pred_boxes`` B×Q×4 (normalised cxcywh).
+    """
+
+    def __init__(
+        self,
+        detector: DEIM,
+        fusion: MultimodalFusionModule,
+        text_embeddings: Tensor,
+        text_classifier: TextAwareClassifier | None = None,
+    ):
+        super().__init__()
+        if text_embeddings.ndim != 2 or text_embeddings.shape[0] != detector.num_classes:
+            raise ValueError(
+                f"text embeddings of shape {tuple(text_embeddings.shape)} do not give one row for each of the "
+                f"detector's {detector.num_classes} classes"
+            )
+        self.detector = detector
+        self.fusion = fusion
+        self.text_classifier = text_classifier
+        self.register_buffer("text_embeddings", text_embeddings.detach().float().clone(), persistent=False)
+
+    def forward(self, images: Tensor, targets: list[dict] | None = None) -> dict:
+        feats = self.detector.encoder(self.detector.backbone(images))
+        feats = self.fusion(feats, self.text_embeddings)
+        score_bias = None
+        if self.text_classifier is not None:
+            score_bias = partial(self.text_classifier, text=self.text_embeddings)
+        return self.detector.decoder(feats, targets, score_bias=score_bias)
+
+    @torch.no_grad()
+    def to_identity(self) -> "MultimodalDetector":
+        """Set the fusion (and text classifier) to the identity in place: the outputs become the detector's own."""
+        for module in (*self.fusion.levels, self.text_classifier):
+            if module is not None:
+                module.to_identity()
+        return self
+
+    def parts(self) -> dict[str, list[nn.Module]]:
+        """``detector_parts`` of the detector plus ``fusion`` (the fusion module and the text classifier, if any)."""
+        fusion: list[nn.Module] = [self.fusion]
+        if self.text_classifier is not None:
+            fusion.append(self.text_classifier)
+        return detector_parts(self.detector) | {"fusion": fusion}
+
+
+def detector_parts(detector: DEIM) -> dict[str, list[nn.Module]]:
+    """The modules a training phase freezes or trains, by name; ``decoder`` includes both head groups."""
+    decoder = detector.decoder
+    return {
+        "backbone": [detector.backbone],
+        "encoder": [detector.encoder],
+        "decoder": [decoder],
+        "class_heads": [decoder.enc_score_head, decoder.dec_score_head],
+        "box_heads": [decoder.enc_bbox_head, decoder.pre_bbox_head, decoder.dec_bbox_head],
+    }
+
+
+def attach_text(
+    detector: DEIM, text_embeddings: Tensor, num_heads: int = 8, text_aware_classification: bool = False
+) -> MultimodalDetector:
+    """Wrap ``detector`` with a fresh fusion module (identity at init) for ``text_embeddings`` float32 [K, D_t].
+
+    Fusion widths follow the encoder's output channels; with ``text_aware_classification`` a ``TextAwareClassifier``
+    on the decoder's query width is added. The detector's weights are used as they are (load them before or after).
+    """
+    text_dim = text_embeddings.shape[-1]
+    fusion = MultimodalFusionModule(detector.encoder.out_channels, text_dim, num_heads=num_heads)
+    classifier = TextAwareClassifier(detector.decoder.hidden_dim, text_dim) if text_aware_classification else None
+    return MultimodalDetector(detector, fusion, text_embeddings, classifier)
+
+
+def split_state(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """(detector weights under the official key names, fusion and text-classifier weights) of a model's state_dict.
+
+    Works for a ``MultimodalDetector`` (``detector.*`` keys lose their prefix) and a bare ``DEIM`` (empty second dict).
+    """
+    detector, fusion = {}, {}
+    for key, value in state_dict.items():
+        if key.startswith(FUSION_PREFIXES):
+            fusion[key] = value
+        else:
+            detector[key.removeprefix(DETECTOR_PREFIX)] = value
+    return detector, fusion
+
+
+def _check_fit(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], source: str, what: str) -> None:
+    missing = sorted(set(expected) - set(given))
+    unexpected = sorted(set(given) - set(expected))
+    reshaped = sorted(key for key in set(expected) & set(given) if expected[key].shape != given[key].shape)
+    if missing or unexpected or reshaped:
+        raise CheckpointError(
+            f"{source}: the {what} weights do not fit this model (missing {missing[:3]}, unexpected {unexpected[:3]}, "
+            f"other shape {reshaped[:3]}); was it written with another variant, class list or fusion setting?"
+        )
+
+
+def load_weights(
+    model: DEIM | MultimodalDetector,
+    detector_state: Mapping[str, Tensor] | None,
+    fusion_state: Mapping[str, Tensor] | None,
+    source: str,
+) -> None:
+    """Load the halves ``split_state`` wrote, each exactly (no key missing, extra or reshaped); None skips a half.
+
+    Fusion weights for a model without fusion, or keys that do not fit, are a ``CheckpointError`` naming ``source``.
+    """
+    multimodal = isinstance(model, MultimodalDetector)
+    detector = model.detector if multimodal else model
+    if detector_state is not None:
+        _check_fit(detector.state_dict(), detector_state, source, "detector")
+        detector.load_state_dict(detector_state, strict=True)
+    if fusion_state:
+        if not multimodal:
+            raise CheckpointError(f"{source}: holds text-fusion weights, but this phase's model has no text fusion")
+        expected = {key: value for key, value in model.state_dict().items() if key.startswith(FUSION_PREFIXES)}
+        _check_fit(expected, fusion_state, source, "fusion")
+        # Non-strict only because the detector's keys are absent from this half; the fit check above is exact.
+        model.load_state_dict(fusion_state, strict=False)

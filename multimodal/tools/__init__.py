@@ -1,0 +1,1 @@
+"""Command-line tools on trained checkpoints: predict, export, interpolate (WiSE-FT)."""
