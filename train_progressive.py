@@ -110,6 +110,7 @@ from multimodal.config import ConfigError, TrainConfig, changed_values, config_t
 from multimodal.data import loaders
 from multimodal.files import file_sha256, remove_stale_temporaries
 from multimodal.model.detector import MultimodalDetector, attach_text, load_weights
+from multimodal.model.fusion import LevelFusion, TextAwareClassifier
 from multimodal.model.text_encoder import TextEmbeddings, class_embeddings
 from multimodal.model.text_usage import evaluate_with_text
 from multimodal.train import distributed
@@ -127,6 +128,15 @@ from multimodal.train.optimization import lr_factor, set_lr
 from multimodal.train.start import StartPoint, check_resumable, resolve_start, resumed_config
 from multimodal.train.step import PhaseSetup, TrainingError, checkpoint_now, restore_phase, setup_phase, train_step
 from multimodal.train.tensorboard_log import TensorBoardLog
+
+
+@dataclass(frozen=True)
+class FusionDesigns:
+    """The fusion design of one feature level and the text-aware classifier that phase 1 builds (experiments compare
+    others: experiments/fusion_designs.py)."""
+
+    level: type[torch.nn.Module] = LevelFusion
+    classifier: type[torch.nn.Module] = TextAwareClassifier
 
 
 @dataclass
@@ -377,8 +387,11 @@ def run_time_left(run: Run, index: int, epochs_done: int, epoch_seconds: float) 
     return f"run: about {minutes:.0f} min left ({epochs} of phases {index}–{run.phases[-1]} at this pace)"
 
 
-def prepare_model(run: Run, detector, model, start: StartPoint, index: int, eval_only: bool):
+def prepare_model(
+    run: Run, model: MultimodalDetector, start: StartPoint, index: int, eval_only: bool, designs: FusionDesigns
+) -> MultimodalDetector:
     """The phase's model with the start point's weights: the detector, then (phase ≥ 1) the text fusion."""
+    detector = model.detector
     if start.class_names is not None and start.class_names != run.info.class_names:
         raise ConfigError(
             f"the start point's classes {start.class_names} differ from the dataset's "
@@ -405,8 +418,15 @@ def prepare_model(run: Run, detector, model, start: StartPoint, index: int, eval
             text = class_embeddings(run.config, run.info.class_names, start.text_embeddings, run.output_dir, run.log)
         run.text = TextEmbeddings.from_dict(distributed.broadcast_object(text.to_dict() if text else None))
         fusion = run.config.fusion
-        model = attach_text(detector, run.text.embeddings, fusion.num_heads, fusion.text_aware_classification)
-    if start.fusion_state and isinstance(model, MultimodalDetector):
+        model = attach_text(
+            detector,
+            run.text.embeddings,
+            fusion.num_heads,
+            fusion.text_aware_classification,
+            level=designs.level,
+            classifier=designs.classifier,
+        )
+    if start.fusion_state and model.uses_text:
         load_weights(model, None, start.fusion_state, start.description)
     return model.to(run.context.device)
 
@@ -439,7 +459,7 @@ def prepare_run(
     return Run(config, output_dir, context, info, variant, val_dataset, val_loader, monitor, phases)
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, designs: FusionDesigns = FusionDesigns()) -> int:
     args, started = parse_args(argv), time.perf_counter()
     phase_now, output_dir = None, Path(args.output_dir or (Path(args.resume).parent if args.resume else "checkpoints"))
     try:
@@ -476,17 +496,17 @@ def main(argv: list[str] | None = None) -> int:
         if context.world_size > 1 and context.device.type == "cuda":
             # As official DEIMv2 (sync_bn): batch statistics over all GPUs when BatchNorm trains (phase 0).
             detector = torch.nn.SyncBatchNorm.convert_sync_batchnorm(detector)
-        constants, model = constant_parameters(detector), detector
+        constants, model = constant_parameters(detector), MultimodalDetector(detector)
         for position, phase_now in enumerate(phases):
             start = start if position == 0 else resolve_start(phase_now, config, output_dir)
             for note in start.notes:
                 run.log(note)
             run.log(f"phase {phase_now}: starting from {start.description}")
-            model = prepare_model(run, detector, model, start, phase_now, args.eval_only)
+            model = prepare_model(run, model, start, phase_now, args.eval_only, designs)
             if args.eval_only:
                 weights = "EMA weights of the resume point, as its run evaluated them" if start.resume else "weights"
                 run.log(f"evaluating the start {weights}")
-                metrics = evaluate(model, run, reliance=args.text_reliance and isinstance(model, MultimodalDetector))
+                metrics = evaluate(model, run, reliance=args.text_reliance and model.uses_text)
                 run.log(format_evaluation(metrics, args.per_class))
                 run.log(f"metrics: {json.dumps(metrics)}")
                 return 0

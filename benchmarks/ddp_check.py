@@ -27,7 +27,7 @@ from benchmarks.throughput import synthetic_batch
 from deim_lib import build_detector, get_variant
 from deim_lib.evaluate import gather_detections
 from multimodal.config import TrainConfig
-from multimodal.model.detector import attach_text
+from multimodal.model.detector import MultimodalDetector, attach_text
 from multimodal.train import distributed
 from multimodal.train.freezing import constant_parameters
 from multimodal.train.step import setup_phase, train_step
@@ -54,7 +54,8 @@ def check_phase(index: int, args: argparse.Namespace, context: distributed.Distr
     if index == 0 and context.device.type == "cuda":
         detector = torch.nn.SyncBatchNorm.convert_sync_batchnorm(detector)
     constants = constant_parameters(detector)
-    model = detector if index == 0 else attach_text(detector, F.normalize(torch.randn(NUM_CLASSES, TEXT_DIM), dim=-1))
+    text = F.normalize(torch.randn(NUM_CLASSES, TEXT_DIM), dim=-1)
+    model = MultimodalDetector(detector) if index == 0 else attach_text(detector, text)
     model.to(context.device)
     # setup_phase wraps the model only for a world of several processes; a group of one (one GPU) gets it too here.
     wrapped_world = max(context.world_size, 2)

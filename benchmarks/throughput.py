@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deim_lib import VARIANTS, PostProcessor, build_detector, get_variant
 from multimodal.config import TrainConfig
-from multimodal.model.detector import attach_text
+from multimodal.model.detector import MultimodalDetector, attach_text
 from multimodal.train.freezing import compile_frozen_parts, constant_parameters
 from multimodal.train.monitor import device_name
 from multimodal.train.step import PhaseSetup, setup_phase, train_step, uses_bf16
@@ -131,7 +131,7 @@ def build_case(name: str, args: argparse.Namespace, device: torch.device) -> Cas
     detector = build_detector(args.variant, args.num_classes, eval_size=(args.image_size, args.image_size))
     constants = constant_parameters(detector)  # the freshly built model's non-trainable tensors
     text = nn.functional.normalize(torch.randn(args.num_classes, TEXT_DIM), dim=-1)  # random unit class embeddings
-    model = detector if name == "full" else attach_text(detector, text)
+    model = MultimodalDetector(detector) if name == "full" else attach_text(detector, text)
     model.to(device)
     if name == "eval":
         model.requires_grad_(False).eval()

@@ -25,7 +25,6 @@ from torch import Tensor, nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
 
-import multimodal.model.detector
 import multimodal.model.fusion
 import train_progressive
 
@@ -111,15 +110,13 @@ def run(design: str, seed: int, out: Path, config: str, threads: int) -> Path:
     directory = out / f"{design}_s{seed}"
     if (directory / "wall_seconds.txt").is_file():
         return directory  # finished before (written last; phase1_last.pth exists after every epoch)
-    multimodal.model.fusion.LevelFusion = level  # looked up by MultimodalFusionModule when it builds its levels
-    if classifier is not None:
-        multimodal.model.detector.TextAwareClassifier = classifier  # looked up by attach_text
+    designs = train_progressive.FusionDesigns(level, classifier or train_progressive.FusionDesigns.classifier)
     torch.set_num_threads(threads)
     arguments = ["--config", config, "--phase", "1", "--seed", str(seed), "--output-dir", str(directory)]
     if classifier is not None:
         arguments += ["--set", "fusion.text_aware_classification=true"]
     started = time.perf_counter()
-    if train_progressive.main(arguments) != 0:
+    if train_progressive.main(arguments, designs) != 0:
         raise SystemExit(f"{design} seed {seed} failed")
     (directory / "wall_seconds.txt").write_text(f"{time.perf_counter() - started:.1f}\n")
     return directory

@@ -1,4 +1,5 @@
-"""A DEIMv2 detector with class text embeddings fused between its encoder and its decoder.
+"""A DEIMv2 detector with class text embeddings fused between its encoder and its decoder: the one model type of
+every phase (phase 0 has no fusion yet) and every tool.
 
 The detector stays an unchanged child (``detector.*`` keys are the official ones), so its part of the weights can be
 saved back as an official checkpoint: ``split_state`` separates it from the fusion weights and ``load_weights`` puts
@@ -14,7 +15,7 @@ from torch import Tensor, nn
 
 from deim_lib.checkpoint import CheckpointError
 from deim_lib.model import DEIM
-from multimodal.model.fusion import MultimodalFusionModule, TextAwareClassifier
+from multimodal.model.fusion import LevelFusion, MultimodalFusionModule, TextAwareClassifier
 
 DETECTOR_PREFIX = "detector."
 FUSION_PREFIXES = ("fusion.", "text_classifier.")
@@ -23,21 +24,26 @@ FUSION_PREFIXES = ("fusion.", "text_classifier.")
 class MultimodalDetector(nn.Module):
     """DEIMv2 with text fusion: backbone → encoder → ``fusion`` (with the class embeddings) → decoder.
 
-    ``text_embeddings``: float32 [K, D_t], row k describes class k, K = the detector's class count. With a
-    ``text_classifier`` its B×Q'×K output is added to every decoder score head. ``forward(images, targets=None)`` takes
-    and returns exactly what ``DEIM.forward`` does: B×3×H×W images; eval mode → ``pred_logits`` B×Q×K and
-    ``pred_boxes`` B×Q×4 (normalised cxcywh).
+    ``text_embeddings``: float32 [K, D_t], row k describes class k, K = the detector's class count; without them (and
+    without ``fusion``) the model is the detector alone, as in phase 0. With a ``text_classifier`` its B×Q'×K output is
+    added to every decoder score head. ``forward(images, targets=None)`` takes and returns exactly what
+    ``DEIM.forward`` does: B×3×H×W images; eval mode → ``pred_logits`` B×Q×K and ``pred_boxes`` B×Q×4 (normalised
+    cxcywh).
     """
 
     def __init__(
         self,
         detector: DEIM,
-        fusion: MultimodalFusionModule,
-        text_embeddings: Tensor,
+        fusion: MultimodalFusionModule | None = None,
+        text_embeddings: Tensor | None = None,
         text_classifier: TextAwareClassifier | None = None,
     ):
         super().__init__()
-        if text_embeddings.ndim != 2 or text_embeddings.shape[0] != detector.num_classes:
+        if (fusion is None) != (text_embeddings is None):
+            raise ValueError("a fusion module needs text embeddings, and text embeddings a fusion module")
+        if text_embeddings is not None and (
+            text_embeddings.ndim != 2 or text_embeddings.shape[0] != detector.num_classes
+        ):
             raise ValueError(
                 f"text embeddings of shape {tuple(text_embeddings.shape)} do not give one row for each of the "
                 f"detector's {detector.num_classes} classes"
@@ -45,11 +51,17 @@ class MultimodalDetector(nn.Module):
         self.detector = detector
         self.fusion = fusion
         self.text_classifier = text_classifier
-        self.register_buffer("text_embeddings", text_embeddings.detach().float().clone(), persistent=False)
+        text = text_embeddings.detach().float().clone() if text_embeddings is not None else None
+        self.register_buffer("text_embeddings", text, persistent=False)
+
+    @property
+    def uses_text(self) -> bool:
+        return self.fusion is not None
 
     def forward(self, images: Tensor, targets: list[dict] | None = None) -> dict:
         feats = self.detector.encoder(self.detector.backbone(images))
-        feats = self.fusion(feats, self.text_embeddings)
+        if self.fusion is not None:
+            feats = self.fusion(feats, self.text_embeddings)
         score_bias = None
         if self.text_classifier is not None:
             score_bias = partial(self.text_classifier, text=self.text_embeddings)
@@ -58,42 +70,45 @@ class MultimodalDetector(nn.Module):
     @torch.no_grad()
     def to_identity(self) -> "MultimodalDetector":
         """Set the fusion (and text classifier) to the identity in place: the outputs become the detector's own."""
-        for module in (*self.fusion.levels, self.text_classifier):
+        levels = self.fusion.levels if self.fusion is not None else ()
+        for module in (*levels, self.text_classifier):
             if module is not None:
                 module.to_identity()
         return self
 
     def parts(self) -> dict[str, list[nn.Module]]:
-        """``detector_parts`` of the detector plus ``fusion`` (the fusion module and the text classifier, if any)."""
-        fusion: list[nn.Module] = [self.fusion]
-        if self.text_classifier is not None:
-            fusion.append(self.text_classifier)
-        return detector_parts(self.detector) | {"fusion": fusion}
-
-
-def detector_parts(detector: DEIM) -> dict[str, list[nn.Module]]:
-    """The modules a training phase freezes or trains, by name; ``decoder`` includes both head groups."""
-    decoder = detector.decoder
-    return {
-        "backbone": [detector.backbone],
-        "encoder": [detector.encoder],
-        "decoder": [decoder],
-        "class_heads": [decoder.enc_score_head, decoder.dec_score_head],
-        "box_heads": [decoder.enc_bbox_head, decoder.pre_bbox_head, decoder.dec_bbox_head],
-    }
+        """The modules a training phase freezes or trains, by name: ``decoder`` includes both head groups; ``fusion``
+        (the fusion module and the text classifier, if any) exists once the text is attached."""
+        decoder = self.detector.decoder
+        parts = {
+            "backbone": [self.detector.backbone],
+            "encoder": [self.detector.encoder],
+            "decoder": [decoder],
+            "class_heads": [decoder.enc_score_head, decoder.dec_score_head],
+            "box_heads": [decoder.enc_bbox_head, decoder.pre_bbox_head, decoder.dec_bbox_head],
+        }
+        if self.fusion is not None:
+            parts["fusion"] = [self.fusion, *([self.text_classifier] if self.text_classifier is not None else [])]
+        return parts
 
 
 def attach_text(
-    detector: DEIM, text_embeddings: Tensor, num_heads: int = 8, text_aware_classification: bool = False
+    detector: DEIM,
+    text_embeddings: Tensor,
+    num_heads: int = 8,
+    text_aware_classification: bool = False,
+    level: type[nn.Module] = LevelFusion,
+    classifier: type[nn.Module] = TextAwareClassifier,
 ) -> MultimodalDetector:
     """Wrap ``detector`` with a fresh fusion module (identity at init) for ``text_embeddings`` float32 [K, D_t].
 
-    Fusion widths follow the encoder's output channels; with ``text_aware_classification`` a ``TextAwareClassifier``
-    on the decoder's query width is added. The detector's weights are used as they are (load them before or after).
+    Fusion widths follow the encoder's output channels; ``level`` is the fusion design of one level. With
+    ``text_aware_classification`` a ``classifier`` (``classifier(query_dim, text_dim)``) on the decoder's query width
+    is added. The detector's weights are used as they are (load them before or after).
     """
     text_dim = text_embeddings.shape[-1]
-    fusion = MultimodalFusionModule(detector.encoder.out_channels, text_dim, num_heads=num_heads)
-    classifier = TextAwareClassifier(detector.decoder.hidden_dim, text_dim) if text_aware_classification else None
+    fusion = MultimodalFusionModule(detector.encoder.out_channels, text_dim, num_heads=num_heads, level=level)
+    classifier = classifier(detector.decoder.hidden_dim, text_dim) if text_aware_classification else None
     return MultimodalDetector(detector, fusion, text_embeddings, classifier)
 
 
@@ -123,7 +138,7 @@ def _check_fit(expected: Mapping[str, Tensor], given: Mapping[str, Tensor], sour
 
 
 def load_weights(
-    model: DEIM | MultimodalDetector,
+    model: MultimodalDetector,
     detector_state: Mapping[str, Tensor] | None,
     fusion_state: Mapping[str, Tensor] | None,
     source: str,
@@ -132,13 +147,11 @@ def load_weights(
 
     Fusion weights for a model without fusion, or keys that do not fit, are a ``CheckpointError`` naming ``source``.
     """
-    multimodal = isinstance(model, MultimodalDetector)
-    detector = model.detector if multimodal else model
     if detector_state is not None:
-        _check_fit(detector.state_dict(), detector_state, source, "detector")
-        detector.load_state_dict(detector_state, strict=True)
+        _check_fit(model.detector.state_dict(), detector_state, source, "detector")
+        model.detector.load_state_dict(detector_state, strict=True)
     if fusion_state:
-        if not multimodal:
+        if not model.uses_text:
             raise CheckpointError(f"{source}: holds text-fusion weights, but this phase's model has no text fusion")
         expected = {key: value for key, value in model.state_dict().items() if key.startswith(FUSION_PREFIXES)}
         _check_fit(expected, fusion_state, source, "fusion")

@@ -79,9 +79,13 @@ class MultimodalFusionModule(nn.Module):
     ``feature_channels[l]``; ``text`` K×D_t class embeddings (``text_dim`` = D_t). Returns a list of the same shapes.
     """
 
-    def __init__(self, feature_channels: Sequence[int], text_dim: int, num_heads: int = 8):
+    def __init__(
+        self, feature_channels: Sequence[int], text_dim: int, num_heads: int = 8, level: type[nn.Module] = LevelFusion
+    ):
+        """``level``: the fusion design of one level, built as ``level(channels, text_dim, num_heads)``; it must start
+        as the identity and provide ``to_identity()`` (``LevelFusion`` is this package's design)."""
         super().__init__()
-        self.levels = nn.ModuleList(LevelFusion(channels, text_dim, num_heads) for channels in feature_channels)
+        self.levels = nn.ModuleList(level(channels, text_dim, num_heads) for channels in feature_channels)
 
     def forward(self, feats: Sequence[Tensor], text: Tensor) -> list[Tensor]:
         if len(feats) != len(self.levels):

@@ -101,7 +101,7 @@ def text_reliance(model: MultimodalDetector, ap: float, evaluate_ap: Callable[[]
 def evaluate_with_text(model, evaluate_coco: Callable[[], dict], reliance: bool = False) -> dict:
     """``evaluate_coco()`` (COCO metrics of ``model``) plus ``text``: for a multimodal model the added signal per level,
     the classifier's bias and, with ``reliance``, the text reliance (two more evaluation passes); {} without text."""
-    if not isinstance(model, MultimodalDetector):
+    if not model.uses_text:
         return evaluate_coco() | {"text": {}}
     with AddedSignal(model) as signal:
         metrics = evaluate_coco()

@@ -29,7 +29,6 @@ from deim_lib.cli import HelpFormatter, make_output_dir, report
 from deim_lib.errors import UserError
 from deim_lib.postprocessor import PostProcessor
 from multimodal.files import atomic_write
-from multimodal.model.detector import MultimodalDetector
 from multimodal.tools.predict import InferenceModel, load_for_inference
 
 INPUT_NAMES = ["images", "orig_target_sizes"]
@@ -52,7 +51,7 @@ class DeployedDetector(nn.Module):
     def __init__(self, inference: InferenceModel):
         super().__init__()
         model = inference.model
-        (model.detector if isinstance(model, MultimodalDetector) else model).deploy()
+        model.detector.deploy()
         self.model = model.eval()
         self.postprocessor = PostProcessor(len(inference.class_names)).deploy()
 

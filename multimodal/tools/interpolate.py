@@ -38,7 +38,7 @@ from deim_lib.variants import get_variant
 from multimodal.config import ConfigError, config_from_values, load_config
 from multimodal.data import loaders
 from multimodal.files import atomic_write, atomic_write_text
-from multimodal.model.detector import MultimodalDetector, split_state
+from multimodal.model.detector import split_state
 from multimodal.tools.predict import phase_model
 from multimodal.train.checkpoint import (
     PhaseCheckpoint,
@@ -72,12 +72,8 @@ def base_state(path: str | Path, tuned_model) -> dict[str, Tensor]:
         detector, fusion = PhaseCheckpoint.from_dict(data, path).weights()
     else:
         detector, fusion = detector_state_dict(data, path)[0], {}
-    state = (
-        {f"detector.{key}": value for key, value in detector.items()}
-        if isinstance(tuned_model, MultimodalDetector)
-        else dict(detector)
-    )
-    if isinstance(tuned_model, MultimodalDetector):
+    state = {f"detector.{key}": value for key, value in detector.items()}
+    if tuned_model.uses_text:
         identity = split_state(copy.deepcopy(tuned_model).to_identity().state_dict())[1]
         state |= fusion or identity
     return state

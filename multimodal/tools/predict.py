@@ -100,12 +100,12 @@ class InferenceModel:
         return tensor.as_subclass(Tensor)
 
 
-def phase_model(checkpoint: PhaseCheckpoint, path: str | Path) -> DEIM | MultimodalDetector:
+def phase_model(checkpoint: PhaseCheckpoint, path: str | Path) -> MultimodalDetector:
     """The detector (and the text fusion it was trained with, its embeddings a constant) with the EMA weights."""
     detector_state, fusion_state = checkpoint.weights()
     info = checkpoint.info
     detector = build_detector(info.variant, len(info.class_names), eval_size=(info.image_size, info.image_size))
-    model = detector
+    model = MultimodalDetector(detector)
     if fusion_state:
         if checkpoint.text_embeddings is None:
             raise CheckpointError(f"{path}: has text-fusion weights but no text embeddings to rebuild the fusion with")
@@ -142,15 +142,15 @@ def load_for_inference(path: str | Path, class_names: Sequence[str] | None = Non
         if variant is None:
             raise CheckpointError(f"{path}: the weights match no DEIMv2 variant; is this a DEIMv2 detector checkpoint?")
         image_size = checkpoint_image_size(state_dict, variant)
-        model = build_detector(variant, checkpoint_num_classes(state_dict), eval_size=(image_size, image_size))
-        load_detector_state(model, state_dict, path)
-        names, category_ids = [f"class_{k}" for k in range(model.num_classes)], None
+        detector = build_detector(variant, checkpoint_num_classes(state_dict), eval_size=(image_size, image_size))
+        load_detector_state(detector, state_dict, path)
+        model = MultimodalDetector(detector)
+        names, category_ids = [f"class_{k}" for k in range(detector.num_classes)], None
     if class_names is not None:
         if len(class_names) != len(names):
             raise CheckpointError(f"{path}: has {len(names)} classes, but {len(class_names)} class names were given")
         names = list(class_names)
-    detector = model.detector if isinstance(model, MultimodalDetector) else model
-    variant = get_variant(detector.variant)
+    variant = get_variant(model.detector.variant)
     normalize = (IMAGENET_MEAN, IMAGENET_STD) if variant.imagenet_normalize else None
     return InferenceModel(
         model.eval(), PostProcessor(len(names)), names, image_size, normalize, variant.name, category_ids

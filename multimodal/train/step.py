@@ -13,16 +13,11 @@ from deim_lib import build_criterion
 from deim_lib.errors import CheckpointError, UserError
 from deim_lib.variants import Variant
 from multimodal.config import PhaseConfig
-from multimodal.model.detector import MultimodalDetector, detector_parts, load_weights, split_state
+from multimodal.model.detector import load_weights, split_state
 from multimodal.train.checkpoint import PhaseCheckpoint, PhaseProgress, RunInfo, rng_state, set_rng_state
 from multimodal.train.distributed import all_ranks_agree, unwrap, wrap_distributed
 from multimodal.train.freezing import PhasePolicy, apply_phase, compile_frozen_parts
 from multimodal.train.optimization import ModelEMA, build_optimizer
-
-
-def model_parts(model: nn.Module) -> dict[str, list[nn.Module]]:
-    """The named parts a phase trains or freezes, with or without the text fusion."""
-    return model.parts() if isinstance(model, MultimodalDetector) else detector_parts(model)
 
 
 @dataclass
@@ -79,7 +74,7 @@ def setup_phase(
     ``model`` is on ``device``; ``constants`` come from ``constant_parameters`` on the freshly built detector. LR and
     weight decay left at None take the variant's DEIMv2 recipe (phase 0); the backbone trains at the variant's ratio.
     """
-    parts = model_parts(model)
+    parts = model.parts()
     policy = apply_phase(model, parts, phase.trainable, constants)
     lr = phase.lr if phase.lr is not None else variant.base_lr
     weight_decay = phase.weight_decay if phase.weight_decay is not None else variant.weight_decay
@@ -94,7 +89,7 @@ def setup_phase(
     if compile_frozen:
         compiled = compile_frozen_parts(parts)
         if ema is not None:
-            compile_frozen_parts(model_parts(ema.module), compiled)  # the EMA copy evaluates: the same parts
+            compile_frozen_parts(ema.module.parts(), compiled)  # the EMA copy evaluates: the same parts
     net = wrap_distributed(model, device, world_size, find_unused="decoder" in phase.trainable)
     criterion = build_criterion(variant.name, num_classes).to(device)
     use_amp = uses_bf16(phase.amp, phase.amp_on_cpu, device)

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 from deim_lib.checkpoint import CheckpointError, load_official_checkpoint
 from deim_lib.model import build_detector
-from multimodal.model.detector import MultimodalDetector, attach_text, detector_parts, load_weights, split_state
+from multimodal.model.detector import MultimodalDetector, attach_text, load_weights, split_state
 from multimodal.model.text_encoder import load_precomputed
 
 TEXT_DIM = 32
@@ -148,7 +148,22 @@ def test_parts_name_the_modules_of_each_training_phase():
     assert parts["class_heads"] == [decoder.enc_score_head, decoder.dec_score_head]
     assert parts["box_heads"] == [decoder.enc_bbox_head, decoder.pre_bbox_head, decoder.dec_bbox_head]
     assert parts["fusion"] == [model.fusion, model.text_classifier]
-    assert detector_parts(model.detector) == {name: modules for name, modules in parts.items() if name != "fusion"}
+    without_text = MultimodalDetector(model.detector)  # phase 0: the same parts, no fusion
+    assert without_text.parts() == {name: modules for name, modules in parts.items() if name != "fusion"}
+
+
+def test_without_text_the_model_is_the_detector_itself():
+    torch.manual_seed(0)
+    detector = build_detector("atto", 3, eval_size=(160, 160)).eval()
+    model = MultimodalDetector(detector)
+    images = torch.rand(2, 3, 160, 160)
+    with torch.no_grad():
+        expected, got = detector(images), model(images)
+    assert not model.uses_text and set(model.state_dict()) == {f"detector.{key}" for key in detector.state_dict()}
+    assert torch.equal(expected["pred_logits"], got["pred_logits"])
+    assert torch.equal(expected["pred_boxes"], got["pred_boxes"])
+    with pytest.raises(ValueError, match="a fusion module needs text embeddings"):
+        MultimodalDetector(detector, text_embeddings=random_text(3))
 
 
 def test_split_state_gives_official_detector_keys_and_load_weights_restores_both_halves(reference_dir):
@@ -177,7 +192,7 @@ def test_load_weights_names_the_keys_that_do_not_fit():
     with pytest.raises(CheckpointError, match=r"src: the fusion weights .*unexpected \['text_classifier.query_proj"):
         load_weights(without_classifier, None, fusion_state, "src")
     with pytest.raises(CheckpointError, match="src: holds text-fusion weights"):
-        load_weights(without_classifier.detector, detector_state, fusion_state, "src")
+        load_weights(MultimodalDetector(without_classifier.detector), detector_state, fusion_state, "src")
     del detector_state["decoder.enc_score_head.bias"]
     with pytest.raises(CheckpointError, match=r"missing \['decoder.enc_score_head.bias'\]"):
         load_weights(model, detector_state, None, "src")

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from deim_lib import build_detector
-from multimodal.model.detector import attach_text
+from multimodal.model.detector import MultimodalDetector, attach_text
 from multimodal.model.text_usage import AddedSignal, derangement, evaluate_with_text, replaced_text, text_reliance
 
 
@@ -62,7 +62,7 @@ def test_text_reliance_of_a_fresh_fusion_is_exactly_zero_and_the_text_comes_back
 
 
 def test_evaluate_with_text_adds_the_measurements_only_for_a_text_model():
-    plain = build_detector("atto", 4, eval_size=(160, 160))
+    plain = MultimodalDetector(build_detector("atto", 4, eval_size=(160, 160)))  # phase 0: no text yet
     assert evaluate_with_text(plain, lambda: {"AP": 0.5})["text"] == {}
     model = model_with_text(opened=True)
     result = evaluate_with_text(model, lambda: {"AP": 0.5}, reliance=True)

@@ -22,7 +22,7 @@ from deim_lib.data.dataset import CocoDetection
 from deim_lib.data.transforms import build_val_transforms
 from deim_lib.evaluate import evaluate_detector
 from deim_lib.evaluate import main as evaluate_main
-from deim_lib.model import DEIM, build_detector
+from deim_lib.model import build_detector
 from deim_lib.postprocessor import PostProcessor
 from deim_lib.variants import IMAGENET_MEAN, IMAGENET_STD
 from multimodal.data.loaders import build_val_loader
@@ -148,10 +148,10 @@ def test_training_checkpoint_loads_ema_fusion_with_config_heads_and_text_constan
     assert inference.category_ids == CATEGORY_IDS
 
 
-def test_phase0_checkpoint_loads_as_plain_detector(checkpoints):
+def test_phase0_checkpoint_loads_as_the_detector_without_text(checkpoints):
     inference = load_for_inference(checkpoints["paths"]["phase0"])
-    assert type(inference.model) is DEIM
-    assert_same_state(inference.model, checkpoints["models"]["phase0"])
+    assert type(inference.model) is MultimodalDetector and not inference.model.uses_text
+    assert_same_state(inference.model.detector, checkpoints["models"]["phase0"])
 
 
 def test_training_checkpoint_with_fusion_but_no_text_embeddings_is_a_checkpoint_error(checkpoints, tmp_path):
@@ -180,7 +180,7 @@ def test_official_checkpoint_loads_ema_weights_with_guessed_variant_and_generic_
     assert (inference.variant, inference.image_size, inference.normalize) == ("atto", 320, None)
     assert inference.class_names == [f"class_{k}" for k in range(6)] and inference.category_ids is None
     official = load_official_checkpoint(ATTO_CHECKPOINT)
-    assert all(torch.equal(inference.model.state_dict()[key], official[key].float()) for key in official)
+    assert all(torch.equal(inference.model.detector.state_dict()[key], official[key].float()) for key in official)
     assert load_for_inference(ATTO_CHECKPOINT, CLASS_NAMES).class_names == CLASS_NAMES
     with pytest.raises(CheckpointError, match="6 classes, but 2 class names"):
         load_for_inference(ATTO_CHECKPOINT, ["cat", "dog"])

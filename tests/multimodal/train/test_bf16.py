@@ -26,7 +26,7 @@ from deim_lib import PostProcessor, build_detector, get_variant, load_official_c
 from deim_lib.evaluate import coco_metrics, evaluate_detector
 from multimodal.config import DataConfig, TrainConfig, config_from_values, config_to_dict, load_config
 from multimodal.data import loaders
-from multimodal.model.detector import attach_text, split_state
+from multimodal.model.detector import MultimodalDetector, attach_text, split_state
 from multimodal.model.text_encoder import TextEmbeddings
 from multimodal.tools.interpolate import interpolate
 from multimodal.tools.predict import load_for_inference, predict
@@ -104,6 +104,8 @@ def phase_setup(variant: str, index: int, amp: bool, text: Tensor | None = None)
     constants = constant_parameters(model)
     if index > 0:
         model = attach_text(model, F.normalize(torch.randn(NUM_CLASSES, 32), dim=-1) if text is None else text)
+    else:
+        model = MultimodalDetector(model)
     phase = replace(TrainConfig().phase(index), amp=amp, amp_on_cpu=amp)
     cpu = torch.device("cpu")
     setup = step.setup_phase(index, model, constants, phase, get_variant(variant), NUM_CLASSES, cpu)

@@ -22,7 +22,7 @@ from deim_lib.evaluate import evaluate_detector
 from deim_lib.variants import HybridEncoderConfig
 from multimodal.config import DataConfig, TrainConfig
 from multimodal.data import loaders
-from multimodal.model.detector import attach_text
+from multimodal.model.detector import MultimodalDetector, attach_text
 from multimodal.tools.predict import InferenceModel, predict
 from multimodal.train import step
 from multimodal.train.freezing import constant_parameters
@@ -119,7 +119,8 @@ def multimodal_model(variant: str, index: int) -> torch.nn.Module:
         with torch.no_grad():
             for level in model.fusion.levels:
                 level.output.weight.normal_(0.0, 0.3)
-    return model
+        return model
+    return MultimodalDetector(model)
 
 
 def step_transfers(variant: str, index: int) -> list[Transfer]:
