@@ -79,15 +79,16 @@ def _phase_defaults(rule: PhaseRule):
 
 @dataclass(frozen=True)
 class PhaseConfig:
-    trainable: list[str] = field(default_factory=list)
-    lr: float | None = 2e-4  # None: the variant's DEIMv2 base LR; 0: no weight update (a control run)
-    epochs: int = 12
+    # Their defaults are the phase table's row (multimodal/phase_table.py), set by TrainConfig.
+    trainable: list[str]
+    lr: float | None  # None: the variant's DEIMv2 base LR; 0: no weight update (a control run)
+    weight_decay: float | None  # None: the variant's DEIMv2 weight decay
+    epochs: int
+    augmentation: str  # "finetune" or "deimv2"
     warmup_iters: int = 100
     scheduler: str = "cosine"  # "cosine" or "flatcosine"
     flat_fraction: float = 0.5  # flatcosine: fraction of the iterations kept at the base lr
     min_lr_ratio: float = 0.05
-    weight_decay: float | None = 1e-4  # None: the variant's DEIMv2 weight decay
-    augmentation: str = "finetune"  # "finetune" or "deimv2"
     ema: bool = True
     ema_decay: float = 0.9999
     ema_warmups: int = 1000
