@@ -373,7 +373,8 @@ def _flatten(values: dict, prefix: str = "") -> dict[str, object]:
 
 def resume_differences(saved: TrainConfig, config: TrainConfig, phase: int) -> tuple[list[str], list[str]]:
     """``(conflicts, changes)``, each ``"key: was → now"``: keys whose change would make a resumed ``phase`` another
-    phase, and the keys that only steer it (its length, the reports, the other phases), which may change."""
+    phase, and the keys that only steer it (its length, the reports, the other phases), which may change; a changed
+    epoch count of ``phase`` also says what it does to the LR schedule."""
     other_phases = tuple(f"phase{rule.index}." for rule in PHASES if rule.index != phase)
     steering = {f"phase{phase}.{key}" for key in _STEERING_PHASE_KEYS} | set(_STEERING_KEYS)
     before, now = _flatten(config_to_dict(saved)), _flatten(config_to_dict(config))
@@ -382,5 +383,11 @@ def resume_differences(saved: TrainConfig, config: TrainConfig, phase: int) -> t
         if before.get(key) == now.get(key):
             continue
         allowed = key in steering or key.startswith(other_phases) or key.split(".")[0] in _STEERING_SECTIONS
-        (changes if allowed else conflicts).append(f"{key}: {before.get(key)!r} → {now.get(key)!r}")
+        line = f"{key}: {before.get(key)!r} → {now.get(key)!r}"
+        if key == f"phase{phase}.epochs":
+            line += (
+                f" (the LR schedule of phase {phase} now spans {now[key]} epochs instead of {before[key]}: the "
+                "remaining steps follow the new warm-up and decay)"
+            )
+        (changes if allowed else conflicts).append(line)
     return conflicts, changes

@@ -156,8 +156,8 @@ def resolve_start(
 
 
 def check_resumable(start: StartPoint, config: TrainConfig, phase: int, seed: int | None) -> tuple[int, list[str]]:
-    """The seed of a resumed run and what its config changes (``"key: was → now"`` lines, an epoch count's effect
-    said); a config or seed that would make it another run is a one-line error naming the keys."""
+    """The seed of a resumed run and what its config changes (``"key: was → now"`` lines, ``resume_differences``);
+    a config or seed that would make it another run is a one-line error naming the keys."""
     checkpoint = start.resume
     stored = config_from_values(checkpoint.info.config)
     conflicts, changes = resume_differences(stored, config, phase)
@@ -171,13 +171,4 @@ def check_resumable(start: StartPoint, config: TrainConfig, phase: int, seed: in
         raise ConfigError(
             f"--resume: the checkpoint was trained with --seed {checkpoint.info.seed}, not {seed}; drop --seed"
         )
-    before, now = stored.phase(phase).epochs, config.phase(phase).epochs
-    if before != now:
-        changes = [
-            f"{change} (the LR schedule of phase {phase} now spans {now} epochs instead of {before}: the remaining "
-            "steps follow the new warm-up and decay)"
-            if change.startswith(f"phase{phase}.epochs:")
-            else change
-            for change in changes
-        ]
     return checkpoint.info.seed, changes

@@ -10,6 +10,7 @@ points its interrupted run wrote after the resume point, so replayed steps are n
 
 from pathlib import Path
 
+import torch
 from torch import Tensor
 
 
@@ -29,7 +30,8 @@ class TensorBoardLog:
         """After optimiser step ``step`` (1-based): loss terms and LR, every ``every_steps`` steps (one host sync)."""
         if self.writer is None or step % self.every_steps:
             return
-        values = {name: float(value.detach()) for name, value in losses.items()}
+        terms = torch.stack([value.detach() for value in losses.values()]).tolist()  # one host sync for all terms
+        values = dict(zip(losses, terms, strict=True))
         kinds: dict[str, float] = {}
         for name, value in values.items():
             kind = "_".join(name.split("_")[:2])  # loss_mal_aux_0 → loss_mal

@@ -72,7 +72,8 @@ def test_a_resume_may_change_what_steers_the_run_but_not_what_it_trains():
         ],
     )
     conflicts, changes = resume_differences(saved, steering, phase=1)
-    assert conflicts == [] and "phase1.epochs: 12 → 30" in changes and len(changes) == 6
+    assert conflicts == [] and len(changes) == 6
+    assert any(line.startswith("phase1.epochs: 12 → 30 (the LR schedule of phase 1 now spans 30") for line in changes)
     changed = load_config(None, [*DATA, "phase1.lr=0.001", "data.batch_size=2", "data.classes={a: [b]}"])
     conflicts, _ = resume_differences(saved, changed, phase=1)
     assert [c.split(":")[0] for c in conflicts] == ["data.batch_size", "data.classes", "phase1.lr"]
