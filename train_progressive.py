@@ -99,49 +99,30 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from deim_lib import PostProcessor, build_detector
-from deim_lib.checkpoint import load_detector_state
 from deim_lib.cli import make_output_dir, report
 from deim_lib.data.dataset import CocoDetection
 from deim_lib.errors import UserError
-from deim_lib.evaluate import evaluate_detector, format_table
 from deim_lib.variants import Variant, get_variant
 from multimodal.config import ConfigError, TrainConfig, changed_values, config_to_dict, config_to_yaml, load_config
 from multimodal.data import loaders
-from multimodal.files import file_sha256, remove_stale_temporaries
-from multimodal.model.detector import MultimodalDetector, attach_text, load_weights
-from multimodal.model.fusion import LevelFusion, TextAwareClassifier
+from multimodal.files import remove_stale_temporaries
+from multimodal.model.assemble import FusionDesigns, ModelSpec, Weights, assemble_model
 from multimodal.model.text_encoder import TextEmbeddings, class_embeddings
-from multimodal.model.text_usage import evaluate_with_text
+from multimodal.model.text_usage import evaluate_model
 from multimodal.train import distributed
-from multimodal.train.checkpoint import (
-    PhaseProgress,
-    RunInfo,
-    TrainingState,
-    checkpoint_path,
-    read_phase_checkpoint,
-    save_phase_checkpoint,
-)
-from multimodal.train.freezing import constant_parameters
-from multimodal.train.monitor import ForgettingMonitor, format_epoch, machine, signed
+from multimodal.train.checkpoint import PhaseProgress, RunInfo, checkpoint_path
+from multimodal.train.guard import Baseline, ForgettingGuard
 from multimodal.train.optimization import lr_factor, set_lr
-from multimodal.train.start import StartPoint, check_resumable, resolve_start, resumed_config
-from multimodal.train.step import PhaseSetup, TrainingError, checkpoint_now, restore_phase, setup_phase, train_step
+from multimodal.train.records import MetricsLog, epoch_record
+from multimodal.train.report import format_epoch, format_evaluation, write_report, write_summary
+from multimodal.train.start import StartPoint, open_resume, resolve_start
+from multimodal.train.step import Phase, TrainingError, build_phase, restore_phase, save_checkpoint, train_step
 from multimodal.train.tensorboard_log import TensorBoardLog
 
 
 @dataclass(frozen=True)
-class FusionDesigns:
-    """The fusion design of one feature level and the text-aware classifier that phase 1 builds (experiments compare
-    others: experiments/fusion_designs.py)."""
-
-    level: type[torch.nn.Module] = LevelFusion
-    classifier: type[torch.nn.Module] = TextAwareClassifier
-
-
-@dataclass
 class Run:
-    """What every phase of one invocation shares (built once in ``main``)."""
+    """What every phase of one invocation shares (built once in ``main``, never changed)."""
 
     config: TrainConfig
     output_dir: Path
@@ -150,31 +131,42 @@ class Run:
     variant: Variant
     val_dataset: CocoDetection
     val_loader: torch.utils.data.DataLoader
-    monitor: ForgettingMonitor
+    guard: ForgettingGuard
+    metrics_log: MetricsLog
     phases: list[int]  # the phases this invocation runs, in order
-    text: TextEmbeddings | None = None  # set when the text fusion is attached (phase 1 on)
+    designs: FusionDesigns
 
     def log(self, message: str) -> None:
         if self.context.is_main:
             tqdm.write(message)
 
 
-def train_one_epoch(setup: PhaseSetup, loader, run: Run, progress: PhaseProgress, bar, board: TensorBoardLog) -> dict:
+def train_one_epoch(
+    phase: Phase, loader, progress: PhaseProgress, run: Run, bar, board: TensorBoardLog, save_last
+) -> dict:
     """One pass over ``loader``; ``progress.state`` advances in place. Returns the epoch's mean losses (over all of its
     steps, those before a resume included), the LR at its end and the speed of this pass."""
-    phase = run.config.phase(setup.index)
-    state, total_steps = progress.state, phase.epochs * len(loader.batch_sampler)
-    device = run.context.device
+    state = progress.state
+    total_steps, device = phase.config.epochs * len(loader.batch_sampler), run.context.device
     sums = {name: torch.tensor(value, device=device) for name, value in state.epoch_loss_sums.items()}
     seen, start, shown_loss = 0, time.perf_counter(), None
     for images, targets in loader:
         images = images.to(device, non_blocking=True)
         targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        factor = lr_factor(
-            state.step, total_steps, phase.warmup_iters, phase.scheduler, phase.flat_fraction, phase.min_lr_ratio
+        config = phase.config
+        set_lr(
+            phase.optimizer,
+            lr_factor(
+                state.step,
+                total_steps,
+                config.warmup_iters,
+                config.scheduler,
+                config.flat_fraction,
+                config.min_lr_ratio,
+            ),
         )
-        set_lr(setup.optimizer, factor)
-        losses, taken = train_step(setup, images, targets, state.epoch)
+        # Forward, loss, backward and the optimiser (and EMA) step, or no step at all when anything is not finite.
+        losses, taken = train_step(phase, images, targets, state.epoch)
         state.batch += 1  # the position in the epoch (what resuming skips), whether or not the step was taken
         bar.update(1)
         if not taken:
@@ -182,27 +174,26 @@ def train_one_epoch(setup: PhaseSetup, loader, run: Run, progress: PhaseProgress
             run.log(f"warning: non-finite loss, outputs or gradients at step {state.step}; step skipped")
             if state.nonfinite_in_a_row >= run.config.monitor.max_nonfinite_steps:
                 raise TrainingError(
-                    f"phase {setup.index}: {state.nonfinite_in_a_row} non-finite steps in a row at step {state.step} "
-                    f"(monitor.max_nonfinite_steps); stopped, {kept_checkpoint(run, setup.index)} (lower the LR?)"
+                    f"phase {phase.index}: {state.nonfinite_in_a_row} non-finite steps in a row at step {state.step} "
+                    f"(monitor.max_nonfinite_steps); stopped, {kept_checkpoint(run, phase.index)} (lower the LR?)"
                 )
             continue
         state.nonfinite_in_a_row, state.step, state.epoch_steps_taken = 0, state.step + 1, state.epoch_steps_taken + 1
         seen += len(images) * run.context.world_size
         for name, value in (("loss", sum(losses.values())), *losses.items()):
             sums[name] = sums.get(name, 0.0) + value.detach()  # stays on the device: no sync per term
-        lr = head_lr(setup.optimizer)
+        lr = head_lr(phase.optimizer)
         board.step(state.step, losses, lr)
         if state.epoch_steps_taken % 10 == 1:  # the mean loss costs a host sync: every 10 steps; the LR is free
             shown_loss = f"{float(sums['loss']) / state.epoch_steps_taken:.3f}"
         bar.set_postfix(loss=shown_loss, lr=f"{lr:.1e}", refresh=False)
-        if phase.checkpoint_every_steps and state.step % phase.checkpoint_every_steps == 0:
+        if config.checkpoint_every_steps and state.step % config.checkpoint_every_steps == 0:
             state.epoch_loss_sums = {name: float(value) for name, value in sums.items()}
-            save(setup, run, progress, "last")
+            save_last()
     seconds = time.perf_counter() - start
     means = {name: float(value) / max(1, state.epoch_steps_taken) for name, value in sums.items()}
     state.epoch_loss_sums, state.epoch_steps_taken = {}, 0
-    lr = head_lr(setup.optimizer)
-    return means | {"lr": lr, "images_per_s": seen / seconds, "seconds": seconds}
+    return means | {"lr": head_lr(phase.optimizer), "images_per_s": seen / seconds, "seconds": seconds}
 
 
 def head_lr(optimizer: torch.optim.Optimizer) -> float:
@@ -217,145 +208,128 @@ def kept_checkpoint(run: Run, index: int) -> str:
 
 def evaluate(model, run: Run, reliance: bool = False) -> dict:
     """COCO metrics on the validation set; with text, the added signal and (when asked) the text reliance."""
-
-    def coco() -> dict:
-        dataset, postprocessor = run.val_dataset, PostProcessor(len(run.info.class_names))
-        return evaluate_detector(
-            model,
-            postprocessor,
-            run.val_loader,
-            run.context.device,
-            dataset.category_ids,
-            dataset.coco,
-            progress=run.context.is_main,
-        )[0]
-
-    return evaluate_with_text(model, coco, reliance)
+    return evaluate_model(model, run.val_dataset, run.val_loader, run.context.device, reliance, run.context.is_main)
 
 
-def format_evaluation(metrics: dict, per_class: bool) -> str:
-    """``--eval-only``'s table: COCO's summary metrics, the per-class AP when asked, and the text figures."""
-    lines = [format_table(metrics, per_class)]
-    text = metrics["text"]
-    if text:
-        lines.append(
-            "added signal per fusion level (fine → coarse): " + ", ".join(f"{r:.4f}" for r in text["added_signal"])
-        )
-    if "reliance" in text:
-        reliance = text["reliance"]
-        lines.append(
-            f"AP(real) − AP(permuted) {signed(reliance['permuted'])}, AP(real) − AP(mean) {signed(reliance['mean'])}"
-        )
-    return "\n".join(lines)
-
-
-def save(setup: PhaseSetup, run: Run, progress: PhaseProgress, kind: str, finished: bool = False) -> None:
-    text = run.text.to_dict() if run.text is not None else None
+def save(phase: Phase, run: Run, progress: PhaseProgress, text: TextEmbeddings | None, kind: str, finished=False):
+    path = checkpoint_path(run.output_dir, phase.index, kind)
     try:
-        checkpoint = checkpoint_now(setup, run.info, progress, text, kind, finished)  # every rank checks
+        save_checkpoint(phase, run.info, progress, text and text.to_dict(), path, kind, finished, run.context.is_main)
     except TrainingError as error:
-        raise TrainingError(f"{error}; {kept_checkpoint(run, setup.index)} (lower the LR?)") from None
-    if run.context.is_main:
-        save_phase_checkpoint(checkpoint_path(run.output_dir, setup.index, kind), checkpoint)
+        raise TrainingError(f"{error}; {kept_checkpoint(run, phase.index)} (lower the LR?)") from None
 
 
-def run_phase(index: int, model, constants: frozenset[int], start: StartPoint, run: Run) -> None:
-    """One phase: freeze and set up, resume or measure the base, the epochs, the end-of-phase proofs and report."""
-    phase, context = run.config.phase(index), run.context
-    setup = setup_phase(
-        index,
-        model,
-        constants,
-        phase,
-        run.variant,
-        len(run.info.class_names),
-        context.device,
-        context.world_size,
-        run.config.compile_frozen,
+def run_phase(
+    index: int, model, constants: frozenset[int], start: StartPoint, text: TextEmbeddings | None, run: Run
+) -> tuple[list[str], Baseline | None]:
+    """One phase: freeze and set up, resume or measure the base, the epochs, the end-of-phase proofs and report.
+    Returns the phase's lineage and baseline, which the run's summary reports."""
+    context = run.context
+    phase = build_phase(
+        index=index,
+        config=run.config.phase(index),
+        model=model,
+        constants=constants,
+        variant=run.variant,
+        num_classes=len(run.info.class_names),
+        device=context.device,
+        world_size=context.world_size,
+        compile_frozen=run.config.compile_frozen,
     )
-    run.log(f"phase {index}: training {phase.trainable} ({setup.trainable_count():,} parameters), lr {setup.lr:g}")
+    run.log(
+        f"phase {index}: training {phase.config.trainable} ({phase.trainable_count():,} parameters), lr {phase.lr:g}"
+    )
     if start.resume is not None:
-        progress = restore_phase(setup, start.resume)
+        progress = restore_phase(phase, start.resume)
     else:
-        progress = PhaseProgress(TrainingState(), [*start.lineage, uuid.uuid4().hex[:8]], baseline=start.baseline)
-    run.monitor.lineage = progress.lineage
-    if PHASES[index].compares_to_base:
-        val_fingerprint = file_sha256(run.val_dataset.annotation_file)
-        baseline = run.monitor.adopt_baseline(
-            progress.baseline, lambda: model.detector.state_dict(), val_fingerprint, lambda: evaluate(model, run), index
+        progress = PhaseProgress.new([*start.lineage, uuid.uuid4().hex[:8]], start.baseline)
+    baseline = None  # phase 0 trains the base: nothing to compare with
+    if phase.rule.compares_to_base:
+        annotations = run.val_dataset.annotation_file
+        baseline = run.guard.adopt_baseline(
+            progress.baseline, lambda: model.detector.state_dict(), annotations, lambda: evaluate(model, run), index
         )
         progress.baseline = baseline.to_dict()
         run.log(f"base detector: AP {baseline.AP:.4f}  AP50 {baseline.AP50:.4f} ({baseline.source})")
     dataset = loaders.build_train_dataset(
-        run.config.data, run.variant, run.info.image_size, phase.augmentation, run.log
+        run.config.data, run.variant, run.info.image_size, phase.config.augmentation, run.log
     )
     data = loaders.TrainingData(
-        dataset,
-        run.config.data,
-        run.variant,
-        run.info.image_size,
-        phase.augmentation,
-        run.info.seed,
-        context.rank,
-        context.world_size,
+        dataset=dataset,
+        data=run.config.data,
+        variant=run.variant,
+        image_size=run.info.image_size,
+        augmentation=phase.config.augmentation,
+        seed=run.info.seed,
+        rank=context.rank,
+        world_size=context.world_size,
         pin_memory=context.device.type == "cuda",
     )
-    steps = phase.epochs * data.batches_per_epoch
-    if phase.warmup_iters >= steps:
+    steps = phase.config.epochs * data.batches_per_epoch
+    if phase.config.warmup_iters >= steps:
         run.log(
-            f"warning: phase{index}.warmup_iters {phase.warmup_iters} is not shorter than the phase ({steps} steps): "
-            f"the LR never reaches phase{index}.lr {setup.lr:g}; lower warmup_iters or raise epochs"
+            f"warning: phase{index}.warmup_iters {phase.config.warmup_iters} is not shorter than the phase ({steps} "
+            f"steps): the LR never reaches phase{index}.lr {phase.lr:g}; lower warmup_iters or raise epochs"
         )
     done = progress.state.epoch * data.batches_per_epoch + progress.state.batch
-    resumed_at = progress.state.step if start.resume is not None else None
     board = TensorBoardLog(
         run.output_dir,
         index,
         run.config.monitor.log_every_steps,
-        resumed_at,
-        run.config.monitor.tensorboard and context.is_main,
+        resumed_at_step=progress.state.step if start.resume is not None else None,
+        enabled=run.config.monitor.tensorboard and context.is_main,
     )
     with tqdm(total=steps, initial=done, unit="step", disable=not context.is_main, dynamic_ncols=True) as bar:
         try:
-            train_epochs(setup, run, data, progress, bar, board, fresh=start.resume is None)
+            train_epochs(phase, progress, baseline, text, data, run, bar, board, fresh=start.resume is None)
         finally:
             board.close()
-    checked = setup.policy.verify_frozen(setup.model)
-    if not distributed.replicas_identical(setup.model, context.device):
+    checked = phase.policy.verify_frozen(phase.model)
+    if not distributed.replicas_identical(phase.model, context.device):
         raise TrainingError(f"phase {index}: the {context.world_size} processes ended with different weights")
     replicas = f"; weights identical on {context.world_size} processes" if context.world_size > 1 else ""
-    frozen = ", ".join(setup.frozen_parts()) or "constants"
+    frozen = ", ".join(phase.frozen_parts()) or "constants"
     run.log(f"phase {index} done: frozen {frozen}: all {checked} tensors bit-identical{replicas}")
-    save(setup, run, progress, "last", finished=True)
-    run.monitor.write_report([f"Text embeddings: {run.text.source}."] if run.text is not None else [])
+    save(phase, run, progress, text, "last", finished=True)
+    if context.is_main:
+        notes = [f"Text embeddings: {text.source}."] if text is not None else []
+        records = run.metrics_log.records(progress.lineage)
+        write_report(run.output_dir, records, baseline, progress.run_id, run.guard.max_ap_drop, notes)
+    return progress.lineage, baseline
 
 
 def train_epochs(
-    setup: PhaseSetup,
-    run: Run,
-    data: loaders.TrainingData,
+    phase: Phase,
     progress: PhaseProgress,
+    baseline: Baseline | None,
+    text: TextEmbeddings | None,
+    data: loaders.TrainingData,
+    run: Run,
     bar,
     board: TensorBoardLog,
     fresh: bool,
 ) -> None:
     """The phase's remaining epochs: train, evaluate, record, checkpoint (last; best when it improved), the guard."""
-    index, phase, monitor = setup.index, run.config.phase(setup.index), run.monitor
+    index, epochs, guard, state = phase.index, phase.config.epochs, run.guard, progress.state
     best_path = checkpoint_path(run.output_dir, index, "best")
-    earlier_best = monitor.earlier_best(best_path) if fresh else None  # a file this run will replace
-    for epoch in range(progress.state.epoch, phase.epochs):
-        bar.set_description(f"phase {index} epoch {epoch + 1}/{phase.epochs}")
+    earlier_best = guard.earlier_best(best_path, progress.lineage) if fresh else None  # a file this run will replace
+    for epoch in range(state.epoch, epochs):
+        bar.set_description(f"phase {index} epoch {epoch + 1}/{epochs}")
         started = time.perf_counter()
-        setup.train_mode()
-        stats = train_one_epoch(setup, data.loader(epoch, progress.state.batch), run, progress, bar, board)
-        progress.state.epoch, progress.state.batch = epoch + 1, 0
+        phase.train_mode()
+        loader = data.loader(epoch, state.batch)
+        stats = train_one_epoch(
+            phase, loader, progress, run, bar, board, lambda: save(phase, run, progress, text, "last")
+        )
+        state.epoch, state.batch = epoch + 1, 0
         when = run.config.monitor.text_reliance
-        metrics = evaluate(setup.eval_model, run, when == "every" or (when == "last" and epoch + 1 == phase.epochs))
-        stats |= {"step": progress.state.step, "epoch_seconds": time.perf_counter() - started}  # with evaluation
-        record = monitor.record(index, epoch + 1, metrics, stats)
+        metrics = evaluate(phase.eval_model, run, when == "every" or (when == "last" and epoch + 1 == epochs))
+        stats |= {"step": state.step, "epoch_seconds": time.perf_counter() - started}  # with evaluation
+        record = epoch_record(progress.run_id, index, epoch + 1, metrics, stats, baseline)
+        run.metrics_log.append(record)
         board.epoch(record)
         progress.history.append({"epoch": epoch + 1, "AP": metrics["AP"], "AP50": metrics["AP50"]})
-        save(setup, run, progress, "last")
+        save(phase, run, progress, text, "last")
         score = metrics[run.config.monitor.best_metric]
         if progress.best_metric is None or score > progress.best_metric:
             if earlier_best is not None:
@@ -366,12 +340,12 @@ def train_epochs(
                     f"({score:.4f}, {verdict})"
                 )
             earlier_best, progress.best_metric = None, score
-            save(setup, run, progress, "best")
-        run.log(format_epoch(record, phase.epochs, progress.state.nonfinite_total))
+            save(phase, run, progress, text, "best")
+        run.log(format_epoch(record, epochs, state.nonfinite_total))
         if index != run.phases[-1]:  # --phase all: the whole run's ETA (tqdm's covers this phase)
             run.log(run_time_left(run, index, epoch + 1, stats["epoch_seconds"]))
-        if distributed.broadcast_object(run.context.is_main and monitor.exceeded(record)):
-            run.log(f"warning: AP {metrics['AP']:.4f} is more than max_ap_drop {monitor.max_ap_drop} below the base")
+        if distributed.broadcast_object(run.context.is_main and guard.exceeded(record)):
+            run.log(f"warning: AP {metrics['AP']:.4f} is more than max_ap_drop {guard.max_ap_drop} below the base")
             if run.config.monitor.on_drop == "stop":
                 run.log(f"phase {index} stopped by the forgetting guard; {best_path} keeps the best weights")
                 return
@@ -387,54 +361,68 @@ def run_time_left(run: Run, index: int, epochs_done: int, epoch_seconds: float) 
     return f"run: about {minutes:.0f} min left ({epochs} of phases {index}–{run.phases[-1]} at this pace)"
 
 
-def prepare_model(
-    run: Run, model: MultimodalDetector, start: StartPoint, index: int, eval_only: bool, designs: FusionDesigns
-) -> MultimodalDetector:
-    """The phase's model with the start point's weights: the detector, then (phase ≥ 1) the text fusion."""
-    detector = model.detector
-    if start.class_names is not None and start.class_names != run.info.class_names:
+def phase_text(run: Run, start: StartPoint, index: int) -> TextEmbeddings | None:
+    """The class embeddings of a phase with text: carried by the start point, else computed once on rank 0 and sent
+    to every rank; None for phase 0."""
+    if not PHASES[index].uses_text:
+        return None
+    text = None
+    if run.context.is_main or start.text_embeddings is not None:
+        text = class_embeddings(run.config, run.info.class_names, start.text_embeddings, run.output_dir, run.log)
+    return TextEmbeddings.from_dict(distributed.broadcast_object(text.to_dict() if text else None))
+
+
+def phase_model(run: Run, start: StartPoint, index: int, text: TextEmbeddings | None, eval_only: bool):
+    """The phase's model, assembled from the start point's weights (``model.assemble``), on the run's device, and the
+    ids of its parameters built non-trainable."""
+    model_config = run.config.model
+    spec = ModelSpec(
+        variant=run.variant,
+        class_names=run.info.class_names,
+        image_size=run.info.image_size,
+        text=text,
+        fusion=run.config.fusion,
+        designs=run.designs,
+        class_scores=model_config.class_scores,
+        new_classes=model_config.new_classes,
+        # As official DEIMv2 (sync_bn): batch statistics over all GPUs when BatchNorm trains (phase 0).
+        sync_batchnorm=run.context.world_size > 1 and run.context.device.type == "cuda",
+    )
+    weights = Weights(
+        source=start.description,
+        detector=start.detector_state,
+        fusion=start.fusion_state,
+        class_names=start.class_names,
+        reinit_class_heads=model_config.reinit_class_heads,
+        backbone=model_config.pretrained_backbone if start.resume is None and index == 0 else None,
+    )
+    assembled = assemble_model(spec, weights)
+    trainable = run.config.phase(index).trainable
+    if assembled.reinitialised and not {"class_heads", "decoder"} & set(trainable) and not eval_only:
         raise ConfigError(
-            f"the start point's classes {start.class_names} differ from the dataset's "
-            f"{run.info.class_names}; data.* must describe the classes the checkpoint was trained on"
+            f"model.reinit_class_heads gave the detector new, random class heads for {len(run.info.class_names)} "
+            f"classes, but phase {index} trains only {trainable}: they would stay random; run phase 0 first, or add "
+            f"class_heads to phase{index}.trainable"
         )
-    if start.detector_state is not None:
-        reset = load_detector_state(
-            detector, start.detector_state, start.description, run.config.model.reinit_class_heads
-        )
-        trains_heads = {"class_heads", "decoder"} & set(run.config.phase(index).trainable)
-        if reset and not trains_heads and not eval_only:
-            raise ConfigError(
-                f"model.reinit_class_heads gave the detector new, random class heads for {len(run.info.class_names)} "
-                f"classes, but phase {index} trains only {run.config.phase(index).trainable}: they would stay random; "
-                f"run phase 0 first, or add class_heads to phase{index}.trainable"
-            )
-        if reset:
-            run.log(f"re-initialised for the new class count: {', '.join(reset)}")
-    elif start.resume is None and run.config.model.pretrained_backbone and index == 0:
-        detector.backbone.load_pretrained(run.config.model.pretrained_backbone)
-    if PHASES[index].uses_text and run.text is None:
-        text = None  # computed once, on rank 0, and sent to every rank
-        if run.context.is_main or start.text_embeddings is not None:
-            text = class_embeddings(run.config, run.info.class_names, start.text_embeddings, run.output_dir, run.log)
-        run.text = TextEmbeddings.from_dict(distributed.broadcast_object(text.to_dict() if text else None))
-        fusion = run.config.fusion
-        model = attach_text(
-            detector,
-            run.text.embeddings,
-            fusion.num_heads,
-            fusion.text_aware_classification,
-            level=designs.level,
-            classifier=designs.classifier,
-        )
-    if start.fusion_state and model.uses_text:
-        load_weights(model, None, start.fusion_state, start.description)
-    return model.to(run.context.device)
+    if assembled.reinitialised:
+        run.log(f"re-initialised for the new class count: {', '.join(assembled.reinitialised)}")
+    for note in assembled.notes:
+        run.log(f"note: {note}")
+    if assembled.added:
+        how = "scored from their descriptions" if model_config.new_classes == "text" else "given fresh random rows"
+        run.log(f"added {len(assembled.added)} classes the weights lack, {how}: {', '.join(assembled.added)}")
+    return assembled.model.to(run.context.device), assembled.constants
 
 
 def prepare_run(
-    config: TrainConfig, output_dir: Path, context: distributed.DistributedContext, seed: int, phases: list[int]
+    config: TrainConfig,
+    output_dir: Path,
+    context: distributed.DistributedContext,
+    seed: int,
+    phases: list[int],
+    designs: FusionDesigns,
 ) -> Run:
-    """Seeds, the validation data (it fixes the class list) and the forgetting monitor."""
+    """Seeds, the validation data (it fixes the class list), the forgetting guard and the metrics log."""
     random.seed(seed + context.rank)
     np.random.seed(seed + context.rank)
     torch.manual_seed(seed + context.rank)
@@ -455,18 +443,25 @@ def prepare_run(
     info = RunInfo(
         variant.name, image_size, val_dataset.class_names, val_dataset.category_ids, config_to_dict(config), seed
     )
-    monitor = ForgettingMonitor(output_dir, config.monitor.max_ap_drop, writes=context.is_main)
-    return Run(config, output_dir, context, info, variant, val_dataset, val_loader, monitor, phases)
+    guard = ForgettingGuard(output_dir, config.monitor.max_ap_drop, writes=context.is_main)
+    metrics_log = MetricsLog(output_dir / "metrics.jsonl", writes=context.is_main)
+    return Run(config, output_dir, context, info, variant, val_dataset, val_loader, guard, metrics_log, phases, designs)
 
 
-def main(argv: list[str] | None = None, designs: FusionDesigns = FusionDesigns()) -> int:
+def main(argv: list[str] | None = None, designs: FusionDesigns | None = None) -> int:
+    """The command line; ``designs`` replaces the fusion designs phase 1 builds (experiments/fusion_designs.py)."""
     args, started = parse_args(argv), time.perf_counter()
     phase_now, output_dir = None, Path(args.output_dir or (Path(args.resume).parent if args.resume else "checkpoints"))
     try:
-        # Config (a resumed run's own, with the keys --config and --set give), distributed context, output directory,
-        # where the first phase starts, seeds, data.
-        resume = (args.resume, read_phase_checkpoint(args.resume)) if args.resume else None
-        config = resumed_config(*resume, args.config, args.set) if resume else load_config(args.config, args.set)
+        # Config, seed and the first phase's start point: a resume takes all three from its file (the keys --config
+        # and --set give override its config); otherwise the YAML and --set, --seed, and --init or the defaults.
+        first = int(args.phase) if args.phase not in (None, "all") else None
+        resume = None
+        if args.resume:
+            resume = open_resume(args.resume, args.config, args.set, first, args.eval_only, args.seed, args.init)
+            config = resume.config
+        else:
+            config = load_config(args.config, args.set)
         if args.print_config:
             print(config_to_yaml(config), end="")
             return 0
@@ -480,29 +475,27 @@ def main(argv: list[str] | None = None, designs: FusionDesigns = FusionDesigns()
         stale = remove_stale_temporaries(output_dir) if context.is_main else []
         if stale:
             tqdm.write(f"removed the temporaries of writes a killed run left: {', '.join(path.name for path in stale)}")
+        if resume is not None:
+            start, first, seed = resume.start, resume.start.resume.phase, resume.seed
+        else:
+            first = 0 if first is None else first
+            start, seed = resolve_start(first, config, output_dir, args.init, args.eval_only), args.seed or 0
         # --phase all runs phases 0 → 3, or from the phase of the --resume file on; a bare --resume, its phase.
-        first = int(args.phase) if args.phase not in (None, "all") else (None if resume else 0)
-        start = resolve_start(first, config, output_dir, resume, args.init, args.eval_only)
-        first = start.resume.phase if first is None else first
         phases = [index for index in PHASE_INDICES if index >= first] if args.phase == "all" else [first]
-        seed, changes = check_resumable(start, config, phases[0], args.seed) if start.resume else (args.seed or 0, [])
-        run = prepare_run(config, output_dir, context, seed, phases)
-        for change in changes:
+        run = prepare_run(config, output_dir, context, seed, phases, designs or FusionDesigns())
+        for change in resume.changes if resume else []:
             run.log(f"resume with a changed config: {change}")
         run.log(f"config, values set by the YAML and --set (--print-config shows every key): {changed_values(config)}")
 
-        # Model: the DEIMv2 detector; phases ≥ 1 wrap it with the text fusion. Then the phases, in order.
-        detector = build_detector(run.variant.name, len(run.info.class_names), eval_size=(run.info.image_size,) * 2)
-        if context.world_size > 1 and context.device.type == "cuda":
-            # As official DEIMv2 (sync_bn): batch statistics over all GPUs when BatchNorm trains (phase 0).
-            detector = torch.nn.SyncBatchNorm.convert_sync_batchnorm(detector)
-        constants, model = constant_parameters(detector), MultimodalDetector(detector)
+        # The phases, in order, each with the model assembled from its start point: the DEIMv2 detector, wrapped
+        # from phase 1 on with the text fusion.
         for position, phase_now in enumerate(phases):
             start = start if position == 0 else resolve_start(phase_now, config, output_dir)
             for note in start.notes:
                 run.log(note)
             run.log(f"phase {phase_now}: starting from {start.description}")
-            model = prepare_model(run, model, start, phase_now, args.eval_only, designs)
+            text = phase_text(run, start, phase_now)
+            model, constants = phase_model(run, start, phase_now, text, args.eval_only)
             if args.eval_only:
                 weights = "EMA weights of the resume point, as its run evaluated them" if start.resume else "weights"
                 run.log(f"evaluating the start {weights}")
@@ -510,10 +503,10 @@ def main(argv: list[str] | None = None, designs: FusionDesigns = FusionDesigns()
                 run.log(format_evaluation(metrics, args.per_class))
                 run.log(f"metrics: {json.dumps(metrics)}")
                 return 0
-            run_phase(phase_now, model, constants, start, run)
-        run.log("\n" + run.monitor.summary_table())
-        run.monitor.write_summary(machine(context.device), time.perf_counter() - started, sys.argv)
-        run.log(run.monitor.text_verdict())
+            lineage, baseline = run_phase(phase_now, model, constants, start, text, run)
+        if context.is_main:
+            records, seconds = run.metrics_log.records(lineage), time.perf_counter() - started
+            run.log("\n" + write_summary(output_dir, records, baseline, lineage, context.device, seconds, sys.argv))
         return 0
     except UserError as error:
         return report(error)

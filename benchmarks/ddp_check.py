@@ -6,7 +6,7 @@ gloo on the CPU), also a group of one: ``torchrun --nproc_per_node=1 train_progr
     torchrun --nproc_per_node=2 benchmarks/ddp_check.py --device cpu --json ddp.json
 
 Per process, two training steps of phase 0 (on CUDA with every BatchNorm a SyncBatchNorm, as train_progressive.py
-converts the detector for several GPUs) and two of phase 1, each set up by ``setup_phase`` with its
+converts the detector for several GPUs) and two of phase 1, each set up by ``build_phase`` with its
 DistributedDataParallel wrapper; then the end-of-phase check that all processes hold the same weights, the gather of
 evaluation detections and the broadcast of the text embeddings. Rank 0 writes the record; a failed check raises.
 """
@@ -30,7 +30,7 @@ from multimodal.config import TrainConfig
 from multimodal.model.detector import MultimodalDetector, attach_text
 from multimodal.train import distributed
 from multimodal.train.freezing import constant_parameters
-from multimodal.train.step import setup_phase, train_step
+from multimodal.train.step import build_phase, train_step
 
 NUM_CLASSES = 5
 TEXT_DIM = 32
@@ -57,13 +57,22 @@ def check_phase(index: int, args: argparse.Namespace, context: distributed.Distr
     text = F.normalize(torch.randn(NUM_CLASSES, TEXT_DIM), dim=-1)
     model = MultimodalDetector(detector) if index == 0 else attach_text(detector, text)
     model.to(context.device)
-    # setup_phase wraps the model only for a world of several processes; a group of one (one GPU) gets it too here.
+    # build_phase wraps the model only for a world of several processes; a group of one (one GPU) gets it too here.
     wrapped_world = max(context.world_size, 2)
     phase = TrainConfig().phase(index)
     variant = get_variant(args.variant)
-    setup = setup_phase(index, model, constants, phase, variant, NUM_CLASSES, context.device, wrapped_world)
+    setup = build_phase(
+        index=index,
+        config=phase,
+        model=model,
+        constants=constants,
+        variant=variant,
+        num_classes=NUM_CLASSES,
+        device=context.device,
+        world_size=wrapped_world,
+    )
     if not isinstance(setup.net, torch.nn.parallel.DistributedDataParallel):
-        raise RuntimeError(f"phase {index}: setup_phase gave no DistributedDataParallel wrapper")
+        raise RuntimeError(f"phase {index}: build_phase gave no DistributedDataParallel wrapper")
     setup.train_mode()
     images, targets = synthetic_batch(
         args.batch_size, size, NUM_CLASSES, 3, context.device, seed=100 * context.rank + index

@@ -3,7 +3,7 @@
 One run measures, for one variant, batch size and resolution on one device: ``full`` (the bare detector with phase
 0's recipe, everything trainable but the official constants), ``phase1``–``phase3`` (the text-fusion model with the
 phase's parts trainable) and ``eval`` (eval forward + post-processing of the text-fusion model). The training cases
-are set up and stepped by ``multimodal.train.step`` (``setup_phase``, ``train_step``): the code train_progressive.py
+are set up and stepped by ``multimodal.train.step`` (``build_phase``, ``train_step``): the code train_progressive.py
 runs, timed as it is.
 
     python benchmarks/throughput.py --variant s --batch-size 16 --image-size 640 --device cuda
@@ -39,8 +39,8 @@ from deim_lib import VARIANTS, PostProcessor, build_detector, get_variant
 from multimodal.config import TrainConfig
 from multimodal.model.detector import MultimodalDetector, attach_text
 from multimodal.train.freezing import compile_frozen_parts, constant_parameters
-from multimodal.train.monitor import device_name
-from multimodal.train.step import PhaseSetup, setup_phase, train_step, uses_bf16
+from multimodal.train.report import device_name
+from multimodal.train.step import Phase, build_phase, train_step, uses_bf16
 
 CASES = ("full", "phase1", "phase2", "phase3", "eval")
 TRAIN_CASES = CASES[:4]
@@ -117,7 +117,7 @@ class Case:
 
     model: nn.Module
     trainable_params: int
-    setup: PhaseSetup | None = None
+    setup: Phase | None = None
 
 
 def build_case(name: str, args: argparse.Namespace, device: torch.device) -> Case:
@@ -140,7 +140,16 @@ def build_case(name: str, args: argparse.Namespace, device: torch.device) -> Cas
         return Case(model, trainable_params=0)
     index = 0 if name == "full" else int(name.removeprefix("phase"))
     phase = replace(TrainConfig().phase(index), ema=args.ema, amp=args.amp is not False, amp_on_cpu=args.amp is True)
-    setup = setup_phase(index, model, constants, phase, variant, args.num_classes, device, compile_frozen=args.compile)
+    setup = build_phase(
+        index=index,
+        config=phase,
+        model=model,
+        constants=constants,
+        variant=variant,
+        num_classes=args.num_classes,
+        device=device,
+        compile_frozen=args.compile,
+    )
     setup.train_mode()
     return Case(model, setup.trainable_count(), setup)
 

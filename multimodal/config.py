@@ -31,6 +31,14 @@ class ModelConfig:
     weights: str | None = None  # official DEIMv2 checkpoint used as the phase-1 base when --init is not given
     reinit_class_heads: bool = False  # allow a checkpoint with another class count (its class heads start fresh)
     pretrained_backbone: str | None = None  # official backbone weights for training phase 0 from scratch
+    # How a class is scored: "linear", DEIMv2's free row per class in every score head; "text", from the class's text
+    # embedding through one map shared by all classes (phases 1-3; fitted to the trained heads, so nothing changes at
+    # the start). None: "text" when new_classes is "text", else "linear"; resolved on load.
+    class_scores: str | None = None
+    # Classes of the data that the start weights lack (known classes matched by name, or for an official file the
+    # first K categories): "none" refuses them; "text" scores them from their descriptions (no labelled image
+    # needed); "random" gives them fresh rows, the control. The known classes keep their scores either way.
+    new_classes: str = "none"
 
 
 @dataclass(frozen=True)
@@ -254,12 +262,21 @@ def config_from_values(values: dict) -> TrainConfig:
     return _resolved(_build(TrainConfig, values))
 
 
+def stored_section(values: dict, name: str):
+    """One typed section (``model``, ``fusion``, …) of a stored config mapping, the rest unchecked: what the tools need
+    to rebuild a checkpoint's model, whose data paths may not exist on this machine."""
+    return _build(typing.get_type_hints(TrainConfig)[name], values.get(name, {}), f"{name}.")
+
+
 def _resolved(config: TrainConfig) -> TrainConfig:
     """``config`` validated, with ``model.image_size`` set to the variant's input size when it was left unset."""
     validate(config)
     if config.model.image_size is None:
         size = VARIANTS[config.model.variant].eval_size[0]
         config = dataclasses.replace(config, model=dataclasses.replace(config.model, image_size=size))
+    if config.model.class_scores is None:
+        scores = "text" if config.model.new_classes == "text" else "linear"
+        config = dataclasses.replace(config, model=dataclasses.replace(config.model, class_scores=scores))
     return config
 
 
@@ -311,6 +328,18 @@ def validate(config: TrainConfig) -> None:
         _validate_phase(config, rule)
     model, data, monitor, text = config.model, config.data, config.monitor, config.text_encoder
     _one_of("model.variant", model.variant, tuple(VARIANTS))
+    _one_of("model.new_classes", model.new_classes, ("none", "text", "random"))
+    if model.class_scores is not None:
+        _one_of("model.class_scores", model.class_scores, ("linear", "text"))
+    if model.new_classes == "text" and model.class_scores == "linear":
+        raise ConfigError(
+            "model.new_classes: text scores the new classes from their descriptions, which needs "
+            "model.class_scores: text (or leave class_scores unset)"
+        )
+    if model.new_classes != "none" and model.reinit_class_heads:
+        raise ConfigError(
+            "model.reinit_class_heads replaces every class row, model.new_classes keeps the known ones: set only one"
+        )
     if model.image_size is not None and (model.image_size < 32 or model.image_size % 32):
         raise ConfigError(f"model.image_size: {model.image_size} must be a positive multiple of 32")
     _one_of("monitor.best_metric", monitor.best_metric, ("AP", "AP50"))

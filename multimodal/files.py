@@ -79,7 +79,8 @@ def atomic_write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda file: file.write(text.encode()))
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this id runs on this machine."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -97,7 +98,7 @@ def remove_stale_temporaries(directory: Path) -> list[Path]:
     stale = []
     for path in sorted(directory.iterdir()):
         match = _TEMPORARY.match(path.name)
-        if match and path.is_file() and not _alive(int(match["pid"])):
+        if match and path.is_file() and not process_alive(int(match["pid"])):
             path.unlink(missing_ok=True)
             stale.append(path)
     return stale

@@ -65,7 +65,7 @@ def test_the_benchmark_times_the_training_step_of_train_progressive():
     from multimodal.train import step
 
     assert throughput.train_step is step.train_step is train_progressive.train_step
-    assert throughput.setup_phase is step.setup_phase is train_progressive.setup_phase
+    assert throughput.build_phase is step.build_phase is train_progressive.build_phase
 
 
 @pytest.mark.parametrize("variant", ["atto", "l"])

@@ -1,10 +1,12 @@
 """A DEIMv2 detector with class text embeddings fused between its encoder and its decoder: the one model type of
 every phase (phase 0 has no fusion yet) and every tool.
 
-The detector stays an unchanged child (``detector.*`` keys are the official ones), so its part of the weights can be
+The detector stays a child with the official module tree (``detector.*`` keys are the official ones, except the score
+heads once they compute the scores from the text: ``model.class_scores: text``), so its part of the weights can be
 saved back as an official checkpoint: ``split_state`` separates it from the fusion weights and ``load_weights`` puts
-both back. The text embeddings are a non-persistent buffer: they follow ``.to(device)`` but stay out of the
-state_dict; checkpoints carry ``TextEmbeddings.to_dict()`` beside it, with the prompts it came from.
+both back. The text embeddings are one non-persistent buffer (``ClassTexts``) that every text-reading module shares:
+they follow ``.to(device)`` but stay out of the state_dict; checkpoints carry ``TextEmbeddings.to_dict()`` beside it,
+with the prompts it came from.
 """
 
 from collections.abc import Mapping
@@ -15,6 +17,7 @@ from torch import Tensor, nn
 
 from deim_lib.checkpoint import CheckpointError
 from deim_lib.model import DEIM
+from multimodal.model.class_scores import ClassTexts, use_text_scores
 from multimodal.model.fusion import LevelFusion, MultimodalFusionModule, TextAwareClassifier
 
 DETECTOR_PREFIX = "detector."
@@ -35,28 +38,44 @@ class MultimodalDetector(nn.Module):
         self,
         detector: DEIM,
         fusion: MultimodalFusionModule | None = None,
-        text_embeddings: Tensor | None = None,
+        texts: ClassTexts | None = None,
         text_classifier: TextAwareClassifier | None = None,
     ):
         super().__init__()
-        if (fusion is None) != (text_embeddings is None):
+        if (fusion is None) != (texts is None):
             raise ValueError("a fusion module needs text embeddings, and text embeddings a fusion module")
-        if text_embeddings is not None and (
-            text_embeddings.ndim != 2 or text_embeddings.shape[0] != detector.num_classes
-        ):
+        if texts is not None and (texts.embeddings.ndim != 2 or texts.embeddings.shape[0] != detector.num_classes):
             raise ValueError(
-                f"text embeddings of shape {tuple(text_embeddings.shape)} do not give one row for each of the "
+                f"text embeddings of shape {tuple(texts.embeddings.shape)} do not give one row for each of the "
                 f"detector's {detector.num_classes} classes"
             )
         self.detector = detector
         self.fusion = fusion
         self.text_classifier = text_classifier
-        text = text_embeddings.detach().float().clone() if text_embeddings is not None else None
-        self.register_buffer("text_embeddings", text, persistent=False)
+        self.texts = texts
 
     @property
     def uses_text(self) -> bool:
         return self.fusion is not None
+
+    @property
+    def text_embeddings(self) -> Tensor | None:
+        """float32 [K, D_t], row k describing class k; None without text."""
+        return self.texts.embeddings if self.texts is not None else None
+
+    @text_embeddings.setter
+    def text_embeddings(self, embeddings: Tensor) -> None:
+        """Replace the class embeddings of every module that reads them (same shape)."""
+        if embeddings.shape != self.texts.embeddings.shape:
+            raise ValueError(
+                f"text embeddings of shape {tuple(embeddings.shape)} replace {tuple(self.texts.embeddings.shape)}"
+            )
+        self.texts.embeddings = embeddings
+
+    @property
+    def scores_from_text(self) -> bool:
+        """Whether the class scores are computed from the text (``model.class_scores: text``)."""
+        return not isinstance(self.detector.decoder.enc_score_head, nn.Linear)
 
     def forward(self, images: Tensor, targets: list[dict] | None = None) -> dict:
         feats = self.detector.encoder(self.detector.backbone(images))
@@ -99,17 +118,26 @@ def attach_text(
     text_aware_classification: bool = False,
     level: type[nn.Module] = LevelFusion,
     classifier: type[nn.Module] = TextAwareClassifier,
+    scores_from_text: bool = False,
+    known: Tensor | None = None,
 ) -> MultimodalDetector:
     """Wrap ``detector`` with a fresh fusion module (identity at init) for ``text_embeddings`` float32 [K, D_t].
 
     Fusion widths follow the encoder's output channels; ``level`` is the fusion design of one level. With
     ``text_aware_classification`` a ``classifier`` (``classifier(query_dim, text_dim)``) on the decoder's query width
-    is added. The detector's weights are used as they are (load them before or after).
+    is added. With ``scores_from_text`` every score head is replaced by one fitted to it that computes the scores from
+    the text (``class_scores.use_text_scores``; ``known[j]``: the text row of the detector's class j, default the
+    identity), so the detector gets one class per text row. Otherwise the detector's weights are used as they are
+    (load them before or after).
     """
     text_dim = text_embeddings.shape[-1]
+    texts = ClassTexts(text_embeddings)
+    if scores_from_text:
+        known = torch.arange(detector.num_classes) if known is None else known
+        use_text_scores(detector, texts, known)
     fusion = MultimodalFusionModule(detector.encoder.out_channels, text_dim, num_heads=num_heads, level=level)
     classifier = classifier(detector.decoder.hidden_dim, text_dim) if text_aware_classification else None
-    return MultimodalDetector(detector, fusion, text_embeddings, classifier)
+    return MultimodalDetector(detector, fusion, texts.to(text_embeddings.device), classifier)
 
 
 def split_state(state_dict: Mapping[str, Tensor]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:

@@ -25,7 +25,7 @@ def _centred(text: Tensor) -> Tensor:
     return text - text.mean(dim=0, keepdim=True)
 
 
-def _in_float32(device_type: str):
+def in_float32(device_type: str):
     """Autocast off: the fused signal is a small difference of nearly equal terms (class rows minus their mean, near
     uniform attention) that bf16 cannot resolve; under bf16 the fusion's first gradient was 88 % off float32's."""
     return torch.autocast(device_type, enabled=False) if torch.amp.is_autocast_available(device_type) else nullcontext()
@@ -61,7 +61,7 @@ class LevelFusion(nn.Module):
         ``feat`` itself, bit for bit, in any precision."""
         B, C, H, W = feat.shape
         heads, head_dim = self.num_heads, C // self.num_heads
-        with _in_float32(feat.device.type):
+        with in_float32(feat.device.type):
             tokens = self.visual_norm(feat.float().flatten(2).transpose(1, 2))  # (B, H·W, C)
             classes = self.text_norm(self.text_proj(text.float()))  # (K, C)
             q = self.query(tokens).view(B, -1, heads, head_dim).transpose(1, 2)  # (B, h, H·W, d)
@@ -113,7 +113,7 @@ class TextAwareClassifier(nn.Module):
 
     def forward(self, query_features: Tensor, text: Tensor) -> Tensor:
         """In float32 under any autocast (the centred text rows are small differences); returns float32."""
-        with _in_float32(query_features.device.type):
+        with in_float32(query_features.device.type):
             projected = self.query_proj(query_features.float())
             return self.output_scale * projected @ _centred(text.float()).T
 

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from deim_lib.evaluate import evaluate_detector
+from deim_lib.postprocessor import PostProcessor
 from multimodal.model.detector import MultimodalDetector
 
 DERANGEMENT_SEED = 0
@@ -109,3 +111,16 @@ def evaluate_with_text(model, evaluate_coco: Callable[[], dict], reliance: bool 
     if reliance:
         text["reliance"] = text_reliance(model, metrics["AP"], lambda: evaluate_coco()["AP"])
     return metrics | {"text": text}
+
+
+def evaluate_model(model, dataset, loader, device: torch.device, reliance: bool = False, progress: bool = True) -> dict:
+    """COCO metrics of ``model`` on ``dataset`` (a ``CocoDetection``, batched by ``loader``) plus ``text``
+    (``evaluate_with_text``): the added signal and, with ``reliance``, the text reliance."""
+
+    def coco() -> dict:
+        postprocessor = PostProcessor(len(dataset.class_names))
+        return evaluate_detector(
+            model, postprocessor, loader, device, dataset.category_ids, dataset.coco, progress=progress
+        )[0]
+
+    return evaluate_with_text(model, coco, reliance)

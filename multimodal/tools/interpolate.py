@@ -19,6 +19,7 @@ the one nearest the base, so that when every weight ties, the base is kept (and 
 
 import argparse
 import copy
+import dataclasses
 import json
 import sys
 import uuid
@@ -35,11 +36,11 @@ from deim_lib.errors import CheckpointError, UserError
 from deim_lib.evaluate import evaluate_detector
 from deim_lib.postprocessor import PostProcessor
 from deim_lib.variants import get_variant
-from multimodal.config import ConfigError, config_from_values, load_config
+from multimodal.config import ConfigError, config_from_values, load_config, stored_section
 from multimodal.data import loaders
 from multimodal.files import atomic_write, atomic_write_text
+from multimodal.model.assemble import Weights, assemble_model, checkpoint_model, checkpoint_spec
 from multimodal.model.detector import split_state
-from multimodal.tools.predict import phase_model
 from multimodal.train.checkpoint import (
     PhaseCheckpoint,
     PhaseProgress,
@@ -65,14 +66,24 @@ def mix_states(base: dict[str, Tensor], tuned: dict[str, Tensor], weight: float)
     return mixed
 
 
-def base_state(path: str | Path, tuned_model) -> dict[str, Tensor]:
-    """The base's full state for ``tuned_model``'s keys: its detector, and its fusion or the identity fusion."""
+def base_state(path: str | Path, tuned_checkpoint: PhaseCheckpoint, tuned_path: str, tuned_model) -> dict[str, Tensor]:
+    """The base's full state for ``tuned_model``'s keys: its detector built as the tuned run built it (score heads
+    fitted to the base's rows when the tuned run computes the scores from the text, the classes it added), and its
+    fusion or the identity fusion."""
     data = read_checkpoint(path)
     if is_phase_checkpoint(data):
-        detector, fusion = PhaseCheckpoint.from_dict(data, path).weights()
+        base = PhaseCheckpoint.from_dict(data, path)
+        (detector, fusion), names = base.weights(), list(base.info.class_names)
     else:
-        detector, fusion = detector_state_dict(data, path)[0], {}
-    state = {f"detector.{key}": value for key, value in detector.items()}
+        (detector, fusion), names = (detector_state_dict(data, path)[0], {}), None
+    spec = checkpoint_spec(tuned_checkpoint, tuned_path)
+    new_classes = stored_section(tuned_checkpoint.info.config, "model").new_classes
+    spec = dataclasses.replace(spec, new_classes=new_classes)
+    try:
+        model = assemble_model(spec, Weights(str(path), detector, None, names)).model
+    except (CheckpointError, ConfigError) as error:
+        raise CheckpointError(f"--base and --finetuned hold different detectors ({error})") from None
+    state = {f"detector.{key}": value for key, value in split_state(model.state_dict())[0].items()}
     if tuned_model.uses_text:
         identity = split_state(copy.deepcopy(tuned_model).to_identity().state_dict())[1]
         state |= fusion or identity
@@ -142,9 +153,9 @@ def interpolate(
     tuned_checkpoint = read_phase_checkpoint(finetuned)
     info = tuned_checkpoint.info
     config = load_config(config_path) if config_path else config_from_values(info.config)
-    model = phase_model(tuned_checkpoint, finetuned).eval().to(device)
+    model = checkpoint_model(tuned_checkpoint, finetuned).eval().to(device)
     tuned = {key: value.clone() for key, value in model.state_dict().items()}
-    start = base_state(base, model)
+    start = base_state(base, tuned_checkpoint, finetuned, model)
     dataset = loaders.build_val_dataset(config.data, get_variant(info.variant), info.image_size)
     if dataset.class_names != info.class_names:
         raise ConfigError(f"the validation set's classes differ from the classes {finetuned} was trained on")

@@ -49,19 +49,17 @@ from deim_lib.checkpoint import (
     checkpoint_num_classes,
     detector_state_dict,
     guess_variant,
-    load_detector_state,
     read_checkpoint,
 )
 from deim_lib.cli import HelpFormatter, make_output_dir, report
 from deim_lib.data.transforms import build_val_transforms
 from deim_lib.errors import CheckpointError, UserError
 from deim_lib.evaluate import coco_results, load_ground_truth
-from deim_lib.model import DEIM, build_detector
 from deim_lib.postprocessor import PostProcessor
 from deim_lib.variants import IMAGENET_MEAN, IMAGENET_STD, get_variant
 from multimodal.files import atomic_write, atomic_write_text
-from multimodal.model.detector import MultimodalDetector, attach_text, load_weights
-from multimodal.model.text_encoder import TextEmbeddings
+from multimodal.model.assemble import ModelSpec, Weights, assemble_model, checkpoint_model
+from multimodal.model.detector import MultimodalDetector
 from multimodal.train.checkpoint import PhaseCheckpoint, is_phase_checkpoint
 
 # Distinct colours, cycled by label, so neighbouring classes differ in the drawings.
@@ -86,7 +84,7 @@ class InferenceModel:
     ``category_ids``: the dataset's category id of each label, None when the checkpoint does not know them.
     """
 
-    model: DEIM | MultimodalDetector
+    model: MultimodalDetector
     postprocessor: PostProcessor
     class_names: list[str]
     image_size: int
@@ -100,31 +98,6 @@ class InferenceModel:
         return tensor.as_subclass(Tensor)
 
 
-def phase_model(checkpoint: PhaseCheckpoint, path: str | Path) -> MultimodalDetector:
-    """The detector (and the text fusion it was trained with, its embeddings a constant) with the EMA weights."""
-    detector_state, fusion_state = checkpoint.weights()
-    info = checkpoint.info
-    detector = build_detector(info.variant, len(info.class_names), eval_size=(info.image_size, info.image_size))
-    model = MultimodalDetector(detector)
-    if fusion_state:
-        if checkpoint.text_embeddings is None:
-            raise CheckpointError(f"{path}: has text-fusion weights but no text embeddings to rebuild the fusion with")
-        text = TextEmbeddings.from_dict(checkpoint.text_embeddings)
-        if text.class_names != list(info.class_names):
-            raise CheckpointError(f"{path}: its text embeddings describe other classes than its detector's")
-        try:
-            num_heads = int(info.config["fusion"]["num_heads"])
-        except (KeyError, TypeError, ValueError):
-            raise CheckpointError(
-                f"{path}: its config has no fusion.num_heads (not written by train_progressive.py?)"
-            ) from None
-        # The classifier's presence is read from the weights: they decide which modules must exist.
-        text_aware = any(key.startswith("text_classifier.") for key in fusion_state)
-        model = attach_text(detector, text.embeddings, num_heads, text_aware)
-    load_weights(model, detector_state, fusion_state, str(path))
-    return model
-
-
 def load_for_inference(path: str | Path, class_names: Sequence[str] | None = None) -> InferenceModel:
     """Read a checkpoint of ``train_progressive.py`` or an official DEIMv2 one into an eval-mode model.
 
@@ -134,7 +107,7 @@ def load_for_inference(path: str | Path, class_names: Sequence[str] | None = Non
     data = read_checkpoint(path)
     if is_phase_checkpoint(data):
         checkpoint = PhaseCheckpoint.from_dict(data, path)
-        model, info = phase_model(checkpoint, path), checkpoint.info
+        model, info = checkpoint_model(checkpoint, path), checkpoint.info
         names, image_size, category_ids = list(info.class_names), info.image_size, list(info.category_ids)
     else:
         state_dict, _ = detector_state_dict(data, path)
@@ -142,10 +115,8 @@ def load_for_inference(path: str | Path, class_names: Sequence[str] | None = Non
         if variant is None:
             raise CheckpointError(f"{path}: the weights match no DEIMv2 variant; is this a DEIMv2 detector checkpoint?")
         image_size = checkpoint_image_size(state_dict, variant)
-        detector = build_detector(variant, checkpoint_num_classes(state_dict), eval_size=(image_size, image_size))
-        load_detector_state(detector, state_dict, path)
-        model = MultimodalDetector(detector)
-        names, category_ids = [f"class_{k}" for k in range(detector.num_classes)], None
+        names, category_ids = [f"class_{k}" for k in range(checkpoint_num_classes(state_dict))], None
+        model = assemble_model(ModelSpec(get_variant(variant), names, image_size), Weights(str(path), state_dict)).model
     if class_names is not None:
         if len(class_names) != len(names):
             raise CheckpointError(f"{path}: has {len(names)} classes, but {len(class_names)} class names were given")

@@ -1,2 +1,2 @@
 """The phase machinery of train_progressive.py: freezing, the step, start points and resume, the
-checkpoint schema, optimisation, distribution, the forgetting monitor and its reports."""
+checkpoint schema, optimisation, distribution, the epoch records, the forgetting guard and the reports."""

@@ -3,7 +3,9 @@
 On disk it is a dict of plain data (loadable with ``torch.load(weights_only=True)``) that is also an official DEIMv2
 checkpoint: ``model`` is the detector's state dict under the official key names, ``ema = {"module": state dict,
 "updates": n}`` its EMA and ``date`` the official date field, so official tools read the fine-tuned detector. The
-text-fusion weights, the class text embeddings and the run's bookkeeping sit beside them. ``PhaseCheckpoint.to_dict``
+text-fusion weights, the class text embeddings and the run's bookkeeping sit beside them. (With
+``model.class_scores: text`` the score heads are text maps with keys of their own, which official tools cannot read;
+``multimodal.tools.export`` gives such a detector as ONNX.) ``PhaseCheckpoint.to_dict``
 and ``PhaseCheckpoint.from_dict`` are the only code that knows these keys.
 
 Two kinds: ``last`` (every epoch, or every ``checkpoint_every_steps``) is a resume point and carries the optimiser
@@ -79,7 +81,7 @@ class RunInfo:
 class PhaseProgress:
     """A phase's bookkeeping. ``lineage``: the run ids of the phases this one continues, its own last; ``history``:
     per epoch {"epoch", "AP", "AP50"}; ``baseline``: the base detector's metrics and fingerprints
-    (``multimodal.train.monitor.Baseline.to_dict``), None in phase 0."""
+    (``multimodal.train.guard.Baseline.to_dict``), None in phase 0."""
 
     state: TrainingState
     lineage: list[str]
@@ -90,6 +92,11 @@ class PhaseProgress:
     @property
     def run_id(self) -> str:
         return self.lineage[-1]
+
+    @classmethod
+    def new(cls, lineage: list[str], baseline: dict | None) -> "PhaseProgress":
+        """A phase at its first step, ``lineage`` ending with its own run id."""
+        return cls(TrainingState(), lineage, baseline=baseline)
 
 
 @dataclass

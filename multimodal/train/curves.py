@@ -19,28 +19,31 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from multimodal.files import atomic_write
+from multimodal.train.records import EpochRecord
 
 
-def _train_value(record: dict, key: str) -> float:
+def _train_value(record: EpochRecord, key: str) -> float:
     """A training statistic of the epoch, NaN (a gap in the curve) when the record does not hold it."""
-    return float(record.get("train", {}).get(key, math.nan))
+    return float(record.train.get(key, math.nan))
 
 
-def curves_figure(records: list[dict], base: tuple[float, float] | None, max_ap_drop: float, title: str) -> Figure:
+def curves_figure(
+    records: list[EpochRecord], base: tuple[float, float] | None, max_ap_drop: float, title: str
+) -> Figure:
     """The four panels of ``records`` (one per evaluated epoch, in order); ``base`` is the base detector's
     (AP, AP50)."""
     figure, (top, bottom, loss, lr) = plt.subplots(
         4, 1, figsize=(9, 10), sharex=True, height_ratios=(3, 2, 1.5, 1.5), layout="constrained"
     )
     x = list(range(1, len(records) + 1))
-    starts = [i for i in range(len(records)) if i == 0 or records[i]["phase"] != records[i - 1]["phase"]]
+    starts = [i for i in range(len(records)) if i == 0 or records[i].phase != records[i - 1].phase]
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for begin, end in zip(starts, [*starts[1:], len(records)], strict=True):
-        phase, span, colour = records[begin]["phase"], x[begin:end], colours[records[begin]["phase"] % len(colours)]
-        panels = [(top, "", "AP")] + ([(bottom, "delta_", "ΔAP")] if "delta_AP" in records[begin] else [])
+        phase, span, colour = records[begin].phase, x[begin:end], colours[records[begin].phase % len(colours)]
+        panels = [(top, "", "AP")] + ([(bottom, "delta_", "ΔAP")] if records[begin].delta_AP is not None else [])
         for axis, prefix, name in panels:  # AP solid, AP50 dotted, one colour per phase
             for metric, style, marker in (("AP", "-", "o"), ("AP50", ":", ".")):
-                values = [r[prefix + metric] for r in records[begin:end]]
+                values = [getattr(r, prefix + metric) for r in records[begin:end]]
                 label = f"phase {phase} {name}{metric.removeprefix('AP')}"
                 axis.plot(span, values, linestyle=style, marker=marker, color=colour, label=label)
         for axis, key in ((loss, "loss"), (lr, "lr")):
@@ -57,7 +60,7 @@ def curves_figure(records: list[dict], base: tuple[float, float] | None, max_ap_
         top.axhline(base[0], color="black", linestyle="--", linewidth=1, label=f"base AP {base[0]:.4f}")
         top.axhline(base[1], color="black", linestyle=":", linewidth=1, label=f"base AP50 {base[1]:.4f}")
     bottom.axhline(0.0, color="black", linestyle="--", linewidth=1)
-    deltas = [r[key] for r in records for key in ("delta_AP", "delta_AP50") if key in r] or [0.0]
+    deltas = [value for r in records for value in (r.delta_AP, r.delta_AP50) if value is not None] or [0.0]
     low, high = min(*deltas, 0.0), max(*deltas, 0.0)
     pad = max(0.002, 0.15 * (high - low))
     if -max_ap_drop >= low - 3 * pad:  # the guard's line only when the curves come near it: the zoom stays
@@ -92,13 +95,13 @@ def curves_figure(records: list[dict], base: tuple[float, float] | None, max_ap_
     for axis in (top, bottom):
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7, loc="best", ncol=2)
-    if not any("delta_AP" in r for r in records):
+    if not any(r.delta_AP is not None for r in records):
         bottom.text(0.5, 0.5, "no phase ≥ 1 yet", transform=bottom.transAxes, ha="center", va="center")
     return figure
 
 
 def plot_curves(
-    records: list[dict], base: tuple[float, float] | None, max_ap_drop: float, path: Path, run_id: str
+    records: list[EpochRecord], base: tuple[float, float] | None, max_ap_drop: float, path: Path, run_id: str
 ) -> None:
     """Write ``curves_figure`` of ``records`` to ``path``."""
     figure = curves_figure(records, base, max_ap_drop, f"run {run_id} ({path.parent.name}): validation AP per epoch")

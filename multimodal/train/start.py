@@ -52,21 +52,9 @@ def _from_checkpoint(checkpoint: PhaseCheckpoint, description: str) -> StartPoin
     )
 
 
-def resumed_config(
-    path: str, checkpoint: PhaseCheckpoint, config_file: str | None, overrides: list[str]
-) -> TrainConfig:
-    """The configuration of a resumed run: the one stored in ``checkpoint``, then the keys the YAML file and the
-    ``--set`` assignments name."""
-    try:
-        stored = config_from_values(checkpoint.info.config)
-    except ConfigError as error:
-        raise CheckpointError(
-            f"--resume {path}: its stored config does not fit this version ({error}); start a new run with --init"
-        ) from None
-    return load_config(config_file, overrides, base=stored)
-
-
-def _resume(phase: int | None, path: Path, checkpoint: PhaseCheckpoint, config: TrainConfig, eval_only: bool):
+def _resume(
+    phase: int | None, path: Path, checkpoint: PhaseCheckpoint, config: TrainConfig, eval_only: bool
+) -> StartPoint:
     found = checkpoint.phase
     phase = found if phase is None else phase
     if checkpoint.kind != "last":
@@ -123,19 +111,10 @@ def _init(phase: int, path: Path, eval_only: bool) -> StartPoint:
 
 
 def resolve_start(
-    phase: int | None,
-    config: TrainConfig,
-    output_dir: Path,
-    resume: tuple[str, PhaseCheckpoint] | None = None,
-    init: str | None = None,
-    eval_only: bool = False,
+    phase: int, config: TrainConfig, output_dir: Path, init: str | None = None, eval_only: bool = False
 ) -> StartPoint:
-    """The start point of ``phase`` (see the module docstring; None: the phase of the ``resume`` checkpoint, given as
-    (path, checkpoint)); every refusal is a one-line error with the fix."""
-    if resume is not None and init is not None:
-        raise CheckpointError("--resume continues a phase with its own weights; --init starts one: pass only one")
-    if resume is not None:
-        return _resume(phase, Path(resume[0]), resume[1], config, eval_only)
+    """The start point of a new ``phase`` (see the module docstring; ``open_resume`` continues one); every refusal is
+    a one-line error with the fix."""
     if init is not None:
         return _init(phase, Path(init), eval_only)
     previous = checkpoint_path(output_dir, phase - 1, "best")
@@ -155,15 +134,46 @@ def resolve_start(
     )
 
 
-def check_resumable(start: StartPoint, config: TrainConfig, phase: int, seed: int | None) -> tuple[int, list[str]]:
-    """The seed of a resumed run and what its config changes (``"key: was → now"`` lines, ``resume_differences``);
-    a config or seed that would make it another run is a one-line error naming the keys."""
-    checkpoint = start.resume
-    stored = config_from_values(checkpoint.info.config)
-    conflicts, changes = resume_differences(stored, config, phase)
+@dataclass(frozen=True)
+class Resume:
+    """A ``--resume FILE`` unpacked: the run's config (the stored one with the given overrides), its seed, the phase's
+    start point and the ``"key: was → now"`` lines of what the overrides changed."""
+
+    config: TrainConfig
+    seed: int
+    start: StartPoint
+    changes: list[str]
+
+
+def open_resume(
+    path: str,
+    config_file: str | None,
+    overrides: list[str],
+    phase: int | None,
+    eval_only: bool,
+    seed: int | None,
+    init: str | None = None,
+) -> Resume:
+    """Read ``path`` once and everything a resumed run takes from it; ``phase`` None: the phase it was written in.
+
+    The config is the stored one, then the keys ``config_file`` and ``overrides`` name; only keys that steer the run
+    (its length, its reports) may change, and the seed may not: each refusal is one line naming the keys.
+    """
+    if init is not None:
+        raise CheckpointError("--resume continues a phase with its own weights; --init starts one: pass only one")
+    checkpoint = read_phase_checkpoint(path)
+    try:
+        stored = config_from_values(checkpoint.info.config)
+    except ConfigError as error:
+        raise CheckpointError(
+            f"--resume {path}: its stored config does not fit this version ({error}); start a new run with --init"
+        ) from None
+    config = load_config(config_file, overrides, base=stored)
+    start = _resume(phase, Path(path), checkpoint, config, eval_only)
+    conflicts, changes = resume_differences(stored, config, start.resume.phase)
     if conflicts:
         raise ConfigError(
-            f"--resume: the config differs from the checkpoint's in what phase {phase} trains "
+            f"--resume: the config differs from the checkpoint's in what phase {start.resume.phase} trains "
             f"({'; '.join(conflicts)}); drop those keys to resume with the checkpoint's values, or start a new run "
             "with --init"
         )
@@ -171,4 +181,4 @@ def check_resumable(start: StartPoint, config: TrainConfig, phase: int, seed: in
         raise ConfigError(
             f"--resume: the checkpoint was trained with --seed {checkpoint.info.seed}, not {seed}; drop --seed"
         )
-    return checkpoint.info.seed, changes
+    return Resume(config, checkpoint.info.seed, start, changes)

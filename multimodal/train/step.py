@@ -5,6 +5,7 @@
 from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import Tensor, nn
@@ -14,17 +15,27 @@ from deim_lib.errors import CheckpointError, UserError
 from deim_lib.variants import Variant
 from multimodal.config import PhaseConfig
 from multimodal.model.detector import load_weights, split_state
-from multimodal.train.checkpoint import PhaseCheckpoint, PhaseProgress, RunInfo, rng_state, set_rng_state
+from multimodal.phase_table import PHASES, PhaseRule
+from multimodal.train.checkpoint import (
+    PhaseCheckpoint,
+    PhaseProgress,
+    RunInfo,
+    rng_state,
+    save_phase_checkpoint,
+    set_rng_state,
+)
 from multimodal.train.distributed import all_ranks_agree, unwrap, wrap_distributed
 from multimodal.train.freezing import PhasePolicy, apply_phase, compile_frozen_parts
 from multimodal.train.optimization import ModelEMA, build_optimizer
 
 
-@dataclass
-class PhaseSetup:
-    """What one phase trains with. ``net`` is ``model`` itself, or its DistributedDataParallel wrapper."""
+@dataclass(frozen=True)
+class Phase:
+    """One phase: its rule (the phase table's row), its config section and what it trains with. ``net`` is ``model``
+    itself, or its DistributedDataParallel wrapper."""
 
-    index: int
+    rule: PhaseRule
+    config: PhaseConfig
     model: nn.Module
     net: nn.Module
     parts: dict[str, list[nn.Module]]
@@ -34,7 +45,10 @@ class PhaseSetup:
     criterion: nn.Module
     lr: float
     use_amp: bool
-    grad_clip: float
+
+    @property
+    def index(self) -> int:
+        return self.rule.index
 
     @property
     def eval_model(self) -> nn.Module:
@@ -58,42 +72,55 @@ class PhaseSetup:
         return sum(p.numel() for p in self.model.parameters() if p.requires_grad)
 
 
-def setup_phase(
+def build_phase(
+    *,
     index: int,
+    config: PhaseConfig,
     model: nn.Module,
     constants: frozenset[int],
-    phase: PhaseConfig,
     variant: Variant,
     num_classes: int,
     device: torch.device,
     world_size: int = 1,
     compile_frozen: bool = False,
-) -> PhaseSetup:
-    """Freeze all but ``phase.trainable``, then AdamW over what trains, the phase's EMA, criterion and DDP wrapper.
+) -> Phase:
+    """Freeze all but ``config.trainable``, then AdamW over what trains, the phase's EMA, criterion and DDP wrapper.
 
     ``model`` is on ``device``; ``constants`` come from ``constant_parameters`` on the freshly built detector. LR and
     weight decay left at None take the variant's DEIMv2 recipe (phase 0); the backbone trains at the variant's ratio.
     """
     parts = model.parts()
-    policy = apply_phase(model, parts, phase.trainable, constants)
-    lr = phase.lr if phase.lr is not None else variant.base_lr
-    weight_decay = phase.weight_decay if phase.weight_decay is not None else variant.weight_decay
+    policy = apply_phase(model, parts, config.trainable, constants)
+    lr = config.lr if config.lr is not None else variant.base_lr
+    weight_decay = config.weight_decay if config.weight_decay is not None else variant.weight_decay
     backbone_lr_ratio = variant.backbone_lr / variant.base_lr
     fused = device.type == "cuda"
-    optimizer = build_optimizer(parts, phase.trainable, lr, weight_decay, backbone_lr_ratio, fused=fused)
+    optimizer = build_optimizer(parts, config.trainable, lr, weight_decay, backbone_lr_ratio, fused=fused)
     ema = None
-    if phase.ema:
+    if config.ema:
         names = [name for name, _ in model.named_parameters()] + [name for name, _ in model.named_buffers()]
         tracked = [name for name in names if name not in policy.frozen_tensors]
-        ema = ModelEMA(model, tracked, phase.ema_decay, phase.ema_warmups)
+        ema = ModelEMA(model, tracked, config.ema_decay, config.ema_warmups)
     if compile_frozen:
         compiled = compile_frozen_parts(parts)
         if ema is not None:
             compile_frozen_parts(ema.module.parts(), compiled)  # the EMA copy evaluates: the same parts
-    net = wrap_distributed(model, device, world_size, find_unused="decoder" in phase.trainable)
+    net = wrap_distributed(model, device, world_size, find_unused="decoder" in config.trainable)
     criterion = build_criterion(variant.name, num_classes).to(device)
-    use_amp = uses_bf16(phase.amp, phase.amp_on_cpu, device)
-    return PhaseSetup(index, model, net, parts, policy, optimizer, ema, criterion, lr, use_amp, phase.grad_clip)
+    use_amp = uses_bf16(config.amp, config.amp_on_cpu, device)
+    return Phase(
+        rule=PHASES[index],
+        config=config,
+        model=model,
+        net=net,
+        parts=parts,
+        policy=policy,
+        optimizer=optimizer,
+        ema=ema,
+        criterion=criterion,
+        lr=lr,
+        use_amp=use_amp,
+    )
 
 
 def uses_bf16(amp: bool, amp_on_cpu: bool, device: torch.device) -> bool:
@@ -118,9 +145,9 @@ def _no_lap(part: str) -> None:
 
 
 def train_step(
-    setup: PhaseSetup, images: Tensor, targets: list[dict], epoch: int, lap: Callable[[str], None] = _no_lap
+    phase: Phase, images: Tensor, targets: list[dict], epoch: int, lap: Callable[[str], None] = _no_lap
 ) -> tuple[dict[str, Tensor], bool]:
-    """Forward (under bf16 autocast on the images' device when ``setup.use_amp``), DEIMv2 loss in float32, backward,
+    """Forward (under bf16 autocast on the images' device when ``phase.use_amp``), DEIMv2 loss in float32, backward,
     clipping, AdamW and EMA.
 
     Returns the weighted loss terms (device tensors) and whether the step was taken. It is skipped on every rank
@@ -128,30 +155,34 @@ def train_step(
     does, so the loss alone would hide a diverged model. ``lap(part)`` is called after each part.
     """
     # No autocast context at all in float32: torch.autocast refuses device types it has no rules for, even disabled.
-    precision = torch.autocast(images.device.type, dtype=torch.bfloat16) if setup.use_amp else nullcontext()
+    # Forward: the model's outputs (and, in training mode, the denoising and auxiliary ones).
+    precision = torch.autocast(images.device.type, dtype=torch.bfloat16) if phase.use_amp else nullcontext()
     with precision:
-        outputs = setup.net(images, targets)
-    outputs = float32(outputs) if setup.use_amp else outputs
+        outputs = phase.net(images, targets)
+    outputs = float32(outputs) if phase.use_amp else outputs
     lap("forward")
-    losses = setup.criterion(outputs, targets, epoch=epoch)
+    # Loss: DEIMv2's weighted terms.
+    losses = phase.criterion(outputs, targets, epoch=epoch)
     loss = sum(losses.values())
     lap("criterion")
-    setup.optimizer.zero_grad(set_to_none=True)
+    # Backward, then the gradient norm (clipped when grad_clip > 0).
+    phase.optimizer.zero_grad(set_to_none=True)
     loss.backward()
     lap("backward")
-    params = [p for group in setup.optimizer.param_groups for p in group["params"] if p.grad is not None]
+    params = [p for group in phase.optimizer.param_groups for p in group["params"] if p.grad is not None]
     grad_norm = torch.nn.utils.get_total_norm([p.grad for p in params])
-    if setup.grad_clip > 0:
-        torch.nn.utils.clip_grads_with_norm_(params, setup.grad_clip, grad_norm)
+    if phase.config.grad_clip > 0:
+        torch.nn.utils.clip_grads_with_norm_(params, phase.config.grad_clip, grad_norm)
     checked = torch.stack(
         [loss.detach(), grad_norm, outputs["pred_logits"].detach().sum(), outputs["pred_boxes"].detach().sum()]
     )
+    # Step: only when everything is finite on every rank; then the EMA follows the new weights.
     if not all_ranks_agree(bool(torch.isfinite(checked).all()), images.device):  # the step's one host sync
         return losses, False
-    setup.optimizer.step()
+    phase.optimizer.step()
     lap("optimizer")
-    if setup.ema is not None:
-        setup.ema.update(unwrap(setup.net))
+    if phase.ema is not None:
+        phase.ema.update(unwrap(phase.net))
         lap("ema")
     return losses, True
 
@@ -167,18 +198,18 @@ def nonfinite_tensors(module: nn.Module) -> list[str]:
 
 
 def checkpoint_now(
-    setup: PhaseSetup, info: RunInfo, progress: PhaseProgress, text: dict | None, kind: str, finished: bool = False
+    phase: Phase, info: RunInfo, progress: PhaseProgress, text: dict | None, kind: str, finished: bool = False
 ) -> PhaseCheckpoint:
     """The phase's checkpoint at this moment; the weights are checked finite first: a diverged model is never saved."""
-    for module, what in ((setup.model, "weights"), (setup.ema.module if setup.ema else None, "EMA weights")):
+    for module, what in ((phase.model, "weights"), (phase.ema.module if phase.ema else None, "EMA weights")):
         bad = nonfinite_tensors(module) if module is not None else []
         if bad:
-            raise TrainingError(f"phase {setup.index}: the {what} hold NaN or inf (e.g. {bad[0]}); not saved")
-    detector, fusion = split_state(setup.model.state_dict())
-    ema_detector, ema_fusion = split_state(setup.ema.module.state_dict()) if setup.ema else (None, None)
+            raise TrainingError(f"phase {phase.index}: the {what} hold NaN or inf (e.g. {bad[0]}); not saved")
+    detector, fusion = split_state(phase.model.state_dict())
+    ema_detector, ema_fusion = split_state(phase.ema.module.state_dict()) if phase.ema else (None, None)
     last = kind == "last"
     return PhaseCheckpoint(
-        phase=setup.index,
+        phase=phase.index,
         kind=kind,
         info=info,
         progress=progress,
@@ -186,24 +217,41 @@ def checkpoint_now(
         fusion=fusion,
         ema_detector=ema_detector,
         ema_fusion=ema_fusion,
-        ema_updates=setup.ema.updates if setup.ema else 0,
+        ema_updates=phase.ema.updates if phase.ema else 0,
         text_embeddings=text,
         finished=finished,
-        optimizer=setup.optimizer.state_dict() if last else None,
+        optimizer=phase.optimizer.state_dict() if last else None,
         rng=rng_state() if last else None,
     )
 
 
-def restore_phase(setup: PhaseSetup, checkpoint: PhaseCheckpoint) -> PhaseProgress:
+def save_checkpoint(
+    phase: Phase,
+    info: RunInfo,
+    progress: PhaseProgress,
+    text: dict | None,
+    path: Path,
+    kind: str,
+    finished: bool = False,
+    writes: bool = True,
+) -> None:
+    """``checkpoint_now`` (on every process: each checks its weights) written atomically to ``path`` when
+    ``writes`` (the main process)."""
+    checkpoint = checkpoint_now(phase, info, progress, text, kind, finished)
+    if writes:
+        save_phase_checkpoint(path, checkpoint)
+
+
+def restore_phase(phase: Phase, checkpoint: PhaseCheckpoint) -> PhaseProgress:
     """Continue ``checkpoint`` exactly. Its training weights were loaded before the phase froze its parts (so the
     frozen snapshot holds them); the EMA weights, optimiser state, counters and RNG streams come back here."""
-    if setup.ema is not None:
+    if phase.ema is not None:
         if checkpoint.ema_detector is None:
             raise CheckpointError("--resume: the checkpoint has no EMA weights but this phase uses EMA (phaseN.ema)")
-        load_weights(setup.ema.module, checkpoint.ema_detector, checkpoint.ema_fusion, "--resume (EMA)")
-        setup.ema.updates = checkpoint.ema_updates
+        load_weights(phase.ema.module, checkpoint.ema_detector, checkpoint.ema_fusion, "--resume (EMA)")
+        phase.ema.updates = checkpoint.ema_updates
     try:
-        setup.optimizer.load_state_dict(checkpoint.optimizer)
+        phase.optimizer.load_state_dict(checkpoint.optimizer)
     except (ValueError, KeyError) as error:
         raise CheckpointError(f"--resume: the optimizer state does not fit this phase's parameters ({error})") from None
     set_rng_state(checkpoint.rng)

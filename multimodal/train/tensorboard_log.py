@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from multimodal.train.records import EpochRecord
+
 
 class TensorBoardLog:
     """One phase's event files; a disabled log (another process than the main one, or ``monitor.tensorboard: false``)
@@ -41,18 +43,19 @@ class TensorBoardLog:
             self.writer.add_scalar(f"train/{kind}", value, step)
         self.writer.add_scalar("train/lr", lr, step)
 
-    def epoch(self, record: dict) -> None:
-        """An epoch record of ``ForgettingMonitor.record``, at the epoch's last step."""
+    def epoch(self, record: EpochRecord) -> None:
+        """One epoch's record, at the epoch's last step."""
         if self.writer is None:
             return
-        step = record["train"]["step"]
-        scalars = {"val/AP": record["AP"], "val/AP50": record["AP50"], "train/epoch_loss": record["train"].get("loss")}
-        scalars |= {"val/delta_AP": record.get("delta_AP"), "val/delta_AP50": record.get("delta_AP50")}
+        step = record.train["step"]
+        scalars = {"val/AP": record.AP, "val/AP50": record.AP50, "train/epoch_loss": record.train.get("loss")}
+        scalars |= {"val/delta_AP": record.delta_AP, "val/delta_AP50": record.delta_AP50}
         # COCO marks the AP of a class without validation boxes as -1: left out.
-        scalars |= {f"per_class_AP/{name}": v["AP"] for name, v in record["per_class"].items() if v["AP"] >= 0}
-        text = record["text"]
-        scalars |= {f"text/added_signal_level{i}": ratio for i, ratio in enumerate(text.get("added_signal", []))}
-        scalars |= {f"text/reliance_{key}": value for key, value in text.get("reliance", {}).items()}
+        scalars |= {f"per_class_AP/{name}": v["AP"] for name, v in record.per_class.items() if v["AP"] >= 0}
+        text = record.text
+        scalars |= {f"text/added_signal_level{i}": ratio for i, ratio in enumerate(text.added_signal or [])}
+        reliance = text.reliance.to_dict() if text.reliance is not None else {}
+        scalars |= {f"text/reliance_{key}": value for key, value in reliance.items()}
         for tag, value in scalars.items():
             if value is not None:
                 self.writer.add_scalar(tag, value, step)

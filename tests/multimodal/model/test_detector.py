@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 from deim_lib.checkpoint import CheckpointError, load_official_checkpoint
 from deim_lib.model import build_detector
+from multimodal.model.class_scores import ClassTexts
 from multimodal.model.detector import MultimodalDetector, attach_text, load_weights, split_state
 from multimodal.model.text_encoder import load_precomputed
 
@@ -136,7 +137,7 @@ def test_state_dict_keeps_official_detector_keys_and_leaves_out_the_text(referen
     own = set(model.state_dict())
     assert {key.removeprefix("detector.") for key in own if key.startswith("detector.")} == set(official)
     assert {key.split(".")[0] for key in own} == {"detector", "fusion", "text_classifier"}
-    assert "text_embeddings" in dict(model.named_buffers())
+    assert "texts.embeddings" in dict(model.named_buffers())  # one buffer, shared by every module reading the text
 
 
 def test_parts_name_the_modules_of_each_training_phase():
@@ -163,7 +164,7 @@ def test_without_text_the_model_is_the_detector_itself():
     assert torch.equal(expected["pred_logits"], got["pred_logits"])
     assert torch.equal(expected["pred_boxes"], got["pred_boxes"])
     with pytest.raises(ValueError, match="a fusion module needs text embeddings"):
-        MultimodalDetector(detector, text_embeddings=random_text(3))
+        MultimodalDetector(detector, texts=ClassTexts(random_text(3)))
 
 
 def test_split_state_gives_official_detector_keys_and_load_weights_restores_both_halves(reference_dir):
@@ -202,7 +203,7 @@ def test_text_rows_must_match_the_class_count():
     model = attach_text(build_detector("atto", 4), random_text(4))
     assert model.text_classifier is None and model.parts()["fusion"] == [model.fusion]
     with pytest.raises(ValueError, match="4 classes"):
-        MultimodalDetector(model.detector, model.fusion, random_text(5))
+        MultimodalDetector(model.detector, model.fusion, ClassTexts(random_text(5)))
 
 
 @pytest.mark.parametrize("variant", list(ENCODER_WIDTHS))

@@ -95,7 +95,7 @@ def dtypes_inside(module: nn.Module) -> Iterator[set[torch.dtype]]:
             handle.remove()
 
 
-def phase_setup(variant: str, index: int, amp: bool, text: Tensor | None = None) -> step.PhaseSetup:
+def phase_setup(variant: str, index: int, amp: bool, text: Tensor | None = None) -> step.Phase:
     """Phase ``index`` of a seeded ``variant`` (from phase 1 with the text fusion for ``text``, random rows if None, at
     its identity start), set up as train_progressive.py does."""
     torch.manual_seed(0)
@@ -108,12 +108,20 @@ def phase_setup(variant: str, index: int, amp: bool, text: Tensor | None = None)
         model = MultimodalDetector(model)
     phase = replace(TrainConfig().phase(index), amp=amp, amp_on_cpu=amp)
     cpu = torch.device("cpu")
-    setup = step.setup_phase(index, model, constants, phase, get_variant(variant), NUM_CLASSES, cpu)
+    setup = step.build_phase(
+        index=index,
+        config=phase,
+        model=model,
+        constants=constants,
+        variant=get_variant(variant),
+        num_classes=NUM_CLASSES,
+        device=cpu,
+    )
     setup.train_mode()
     return setup
 
 
-def precision_problems(setup: step.PhaseSetup, trainable: list[str], images: Tensor, targets: list[dict]):
+def precision_problems(setup: step.Phase, trainable: list[str], images: Tensor, targets: list[dict]):
     """One ``train_step``; returns its loss terms and what is wrong with its precision or what it trained.
 
     Checked: the step is taken with finite float32 loss terms computed by the criterion in float32 only; gradients

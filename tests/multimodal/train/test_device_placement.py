@@ -134,7 +134,15 @@ def step_transfers(variant: str, index: int) -> list[Transfer]:
         images, targets = images.to(DEVICE), [{k: v.to(DEVICE) for k, v in t.items()} for t in targets]
         # After the move: .to() gives simulated tensors new parameter objects (on CUDA it keeps them).
         constants = constant_parameters(model)
-        setup = step.setup_phase(index, model, constants, phase, get_variant(variant), NUM_CLASSES, DEVICE)
+        setup = step.build_phase(
+            index=index,
+            config=phase,
+            model=model,
+            constants=constants,
+            variant=get_variant(variant),
+            num_classes=NUM_CLASSES,
+            device=DEVICE,
+        )
         setup.train_mode()
         device.transfers.clear()
         _, taken = step.train_step(setup, images, targets, epoch=0)

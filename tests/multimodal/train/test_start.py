@@ -11,11 +11,10 @@ from multimodal.train.checkpoint import (
     RunInfo,
     TrainingState,
     checkpoint_path,
-    read_phase_checkpoint,
     rng_state,
     save_phase_checkpoint,
 )
-from multimodal.train.start import check_resumable, resolve_start, resumed_config
+from multimodal.train.start import open_resume, resolve_start
 
 DATA = [f"data.{key}=x" for key in ("train_images", "train_annotations", "val_images", "val_annotations")]
 
@@ -43,52 +42,48 @@ def write(directory, phase: int, kind: str, finished: bool = False, epochs: int 
     return checkpoint
 
 
-def resume(directory, phase: int, *overrides: str):
-    path = checkpoint_path(directory, phase, "last")
-    checkpoint = read_phase_checkpoint(path)
-    return (str(path), checkpoint), resumed_config(str(path), checkpoint, None, list(overrides))
+def resume(directory, phase: int | None, *overrides: str, eval_only: bool = False, seed: int | None = None, at=None):
+    path = at or checkpoint_path(directory, phase, "last")
+    return open_resume(str(path), None, list(overrides), phase, eval_only, seed)
 
 
 def test_resume_continues_from_the_training_weights_and_eval_only_from_the_ema(tmp_path):
     write(tmp_path, 2, "last")
-    point, config = resume(tmp_path, 2)
-    start = resolve_start(None, config, tmp_path, point)
+    start = resume(tmp_path, None, at=checkpoint_path(tmp_path, 2, "last")).start
     assert start.resume.phase == 2 and torch.equal(start.detector_state["w"], torch.zeros(1))
     assert "phase 2, epoch 2, step 7" in start.description
-    evaluated = resolve_start(None, config, tmp_path, point, eval_only=True)
+    evaluated = resume(tmp_path, 2, eval_only=True).start
     assert torch.equal(evaluated.detector_state["w"], torch.ones(1))
 
 
 def test_resume_refuses_a_best_file_another_phase_and_a_finished_phase(tmp_path):
     write(tmp_path, 1, "best")
     write(tmp_path, 1, "last", finished=True)
-    best = checkpoint_path(tmp_path, 1, "best")
-    config = load_config(None, [*DATA, "phase1.epochs=2"])
     with pytest.raises(CheckpointError, match="holds the best weights of phase 1, not a resume point"):
-        resolve_start(None, config, tmp_path, (str(best), read_phase_checkpoint(best)))
-    point, config = resume(tmp_path, 1)
+        resume(tmp_path, None, at=checkpoint_path(tmp_path, 1, "best"))
+    last = checkpoint_path(tmp_path, 1, "last")
     with pytest.raises(CheckpointError, match="a phase-1 checkpoint; --resume continues that same phase"):
-        resolve_start(2, config, tmp_path, point)
+        resume(tmp_path, 2, at=last)
     with pytest.raises(CheckpointError, match=r"phase 1 is finished .* --eval-only"):
-        resolve_start(None, config, tmp_path, point)
-    assert resolve_start(None, config, tmp_path, point, eval_only=True).resume is not None
-    _, longer = resume(tmp_path, 1, "phase1.epochs=3")  # more epochs extend a finished phase
-    assert resolve_start(None, longer, tmp_path, point).resume is not None
+        resume(tmp_path, 1)
+    assert resume(tmp_path, 1, eval_only=True).start.resume is not None
+    assert resume(tmp_path, 1, "phase1.epochs=3").start.resume is not None  # more epochs extend a finished phase
+    with pytest.raises(CheckpointError, match="pass only one"):
+        open_resume(str(last), None, [], 1, False, None, init="y")
 
 
 def test_a_resumed_run_keeps_its_config_and_seed_and_says_what_changed(tmp_path):
     write(tmp_path, 1, "last", epochs=2, seed=5)
-    point, config = resume(tmp_path, 1, "phase1.epochs=4", "monitor.max_ap_drop=0.2")
-    start = resolve_start(None, config, tmp_path, point)
-    seed, changes = check_resumable(start, config, 1, None)
-    assert seed == 5 and "monitor.max_ap_drop: 0.05 → 0.2" in changes
+    resumed = resume(tmp_path, 1, "phase1.epochs=4", "monitor.max_ap_drop=0.2")
+    assert resumed.seed == 5 and resumed.config.phase1.epochs == 4
+    assert "monitor.max_ap_drop: 0.05 → 0.2" in resumed.changes
     spans = "phase1.epochs: 2 → 4 (the LR schedule of phase 1 now spans 4 epochs"
-    assert any(line.startswith(spans) for line in changes)
-    _, changed = resume(tmp_path, 1, "phase1.lr=0.001")
+    assert any(line.startswith(spans) for line in resumed.changes)
     with pytest.raises(ConfigError, match=r"differs from the checkpoint's in what phase 1 trains \(phase1.lr"):
-        check_resumable(start, changed, 1, None)
+        resume(tmp_path, 1, "phase1.lr=0.001")
     with pytest.raises(ConfigError, match="trained with --seed 5, not 6"):
-        check_resumable(start, config, 1, 6)
+        resume(tmp_path, 1, seed=6)
+    assert resume(tmp_path, 1, seed=5).seed == 5
 
 
 def test_init_and_the_defaults_start_from_earlier_weights_only(tmp_path):
@@ -102,8 +97,6 @@ def test_init_and_the_defaults_start_from_earlier_weights_only(tmp_path):
     assert any("skipping phase 2" in note for note in start.notes)
     with pytest.raises(CheckpointError, match="a phase-1 checkpoint cannot start phase 1"):
         resolve_start(1, config, tmp_path, init=str(checkpoint_path(tmp_path, 1, "best")))
-    with pytest.raises(CheckpointError, match="pass only one"):
-        resolve_start(2, config, tmp_path, resume=("x", None), init="y")
     assert resolve_start(0, config, tmp_path / "empty").description == "a freshly initialised detector"
     with pytest.raises(CheckpointError, match="--phase 2: nothing to start from"):
         resolve_start(2, config, tmp_path / "empty")

@@ -15,7 +15,7 @@ from multimodal.config import TrainConfig
 from multimodal.model.detector import attach_text
 from multimodal.train.checkpoint import PhaseProgress, RunInfo, TrainingState
 from multimodal.train.freezing import constant_parameters
-from multimodal.train.step import TrainingError, checkpoint_now, restore_phase, setup_phase, train_step
+from multimodal.train.step import TrainingError, build_phase, checkpoint_now, restore_phase, train_step
 
 CPU = torch.device("cpu")
 
@@ -26,7 +26,9 @@ def phase_two(**changes):
     constants = constant_parameters(detector)
     model = attach_text(detector, F.normalize(torch.randn(3, 16), dim=-1))
     phase = replace(TrainConfig().phase2, **changes)
-    setup = setup_phase(2, model, constants, phase, get_variant("atto"), 3, CPU)
+    setup = build_phase(
+        index=2, config=phase, model=model, constants=constants, variant=get_variant("atto"), num_classes=3, device=CPU
+    )
     setup.train_mode()
     return setup
 

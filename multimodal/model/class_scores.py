@@ -1,0 +1,148 @@
+"""Class scores computed from the class descriptions, and classes added to a trained detector.
+
+DEIMv2 scores class k with a free row of every score head (``decoder.enc_score_head`` and each
+``decoder.dec_score_head[i]``): a description cannot matter there, and a class without boxes has no row. A
+``TextClassScores`` head computes every class's logit from its text embedding t_k through one map shared by all
+classes, with no per-class parameter:
+
+    score_k(q) = ⟨t_k − μ, W·q + β⟩ + ⟨h, q⟩ + c
+
+μ is the mean text of the classes the head was fitted to, (h, c) the mean of their rows. ``fit`` solves W, β
+by least squares from a trained linear head, exactly when the K centred texts span K − 1 dimensions (K − 1 ≤ the text
+width and the texts independent), so converting a converged detector changes none of its scores. A class added later
+is scored by its description alone: its row is the known rows composed by the coefficients that express its centred
+text in the known classes' centred texts.
+"""
+
+import torch
+from torch import Tensor, nn
+
+from multimodal.model.fusion import in_float32
+
+PRIOR_BIAS = -4.59511985013459  # DEIMv2's score-head bias at initialisation: −log((1 − 0.01) / 0.01)
+
+
+class ClassTexts(nn.Module):
+    """The class text embeddings, float32 [K, D_t], as one non-persistent buffer: the single copy that the fusion,
+    the text-aware classifier and every text score head read, so that replacing it (text reliance, a new class)
+    changes all of them at once."""
+
+    def __init__(self, embeddings: Tensor):
+        super().__init__()
+        self.register_buffer("embeddings", embeddings.detach().float().clone(), persistent=False)
+
+
+class TextClassScores(nn.Module):
+    """A drop-in for one DEIMv2 score head: ``forward(x)`` x [..., hidden] → logits [..., K] for the K rows of
+    ``texts``, computed in float32 (the texts' differences are small); see the module docstring for the formula.
+
+    ``center`` (μ) is persistent: it is part of the fitted map, whereas the texts can change.
+    """
+
+    def __init__(self, hidden_dim: int, texts: ClassTexts, center: Tensor):
+        super().__init__()
+        self.texts = texts
+        self.register_buffer("center", center.detach().float().clone())
+        self.text_map = nn.Linear(hidden_dim, center.shape[-1])  # W and β
+        self.shared = nn.Linear(hidden_dim, 1)  # h and c
+
+    def forward(self, x: Tensor) -> Tensor:
+        with in_float32(x.device.type):
+            x = x.float()
+            return self.text_map(x) @ (self.texts.embeddings - self.center).T + self.shared(x)
+
+
+def _solve(known_text: Tensor, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
+    """(μ, X, mean row, relative residual) with (known_text − μ)·X ≈ rows − mean row, least squares of least norm,
+    in float64. ``rows``: one row per known class (a head's [weight | bias], or embedding rows)."""
+    text, rows = known_text.double(), rows.double()
+    center, mean_row = text.mean(dim=0), rows.mean(dim=0)
+    solution = torch.linalg.pinv(text - center) @ (rows - mean_row)
+    fitted = (text - center) @ solution + mean_row
+    residual = float((fitted - rows).norm() / rows.norm().clamp_min(1e-12))
+    return center, solution, mean_row, residual
+
+
+def fit(head: nn.Linear, texts: ClassTexts, known: Tensor) -> tuple[TextClassScores, float]:
+    """A ``TextClassScores`` head that gives the classes ``known`` (indices into ``texts``, in the order of ``head``'s
+    rows) exactly ``head``'s logits; returns it with the fit's relative residual (0 up to rounding when exact)."""
+    rows = torch.cat([head.weight.detach(), head.bias.detach()[:, None]], dim=1)
+    center, solution, mean_row, residual = _solve(texts.embeddings[known], rows)
+    scores = TextClassScores(head.in_features, texts, center.float())
+    with torch.no_grad():
+        scores.text_map.weight.copy_(solution[:, :-1])
+        scores.text_map.bias.copy_(solution[:, -1])
+        scores.shared.weight.copy_(mean_row[None, :-1])
+        scores.shared.bias.copy_(mean_row[-1:])
+    return scores.to(head.weight.device), residual
+
+
+def _score_heads(decoder: nn.Module) -> list[tuple[nn.Module, str]]:
+    """(parent, attribute) of every score head: the encoder's, then one per decoder layer."""
+    return [
+        (decoder, "enc_score_head"),
+        *((decoder.dec_score_head, str(i)) for i in range(len(decoder.dec_score_head))),
+    ]
+
+
+def use_text_scores(detector: nn.Module, texts: ClassTexts, known: Tensor) -> float:
+    """Replace every score head of ``detector`` by a ``TextClassScores`` fitted to it, in place; the detector then has
+    one class per row of ``texts``. ``known[j]``: the row of ``texts`` describing the head's class j. Returns the
+    largest fit residual. The denoising queries' class embedding grows the same way, its new rows composed."""
+    decoder = detector.decoder
+    residual = 0.0
+    for parent, name in _score_heads(decoder):
+        scores, error = fit(getattr(parent, name), texts, known)
+        setattr(parent, name, scores)
+        residual = max(residual, error)
+    _resize_denoising_embedding(decoder, known, len(texts.embeddings), texts.embeddings)
+    detector.num_classes = decoder.num_classes = len(texts.embeddings)
+    return residual
+
+
+def add_random_rows(
+    detector: nn.Module, known: Tensor, num_classes: int, generator: torch.Generator | None = None
+) -> None:
+    """Grow every linear score head to ``num_classes`` rows in place: the row of class ``known[j]`` is the head's row
+    j, the other classes get fresh rows initialised as DEIMv2 initialises a head (the control for text rows)."""
+    decoder = detector.decoder
+    for parent, name in _score_heads(decoder):
+        head = getattr(parent, name)
+        grown = nn.Linear(head.in_features, num_classes).to(head.weight.device)
+        with torch.no_grad():
+            bound = head.in_features**-0.5  # nn.Linear's own initialisation, drawn from ``generator``
+            grown.weight.uniform_(-bound, bound, generator=generator)
+            grown.bias.fill_(PRIOR_BIAS)
+            grown.weight[known] = head.weight
+            grown.bias[known] = head.bias
+        setattr(parent, name, grown)
+    _resize_denoising_embedding(decoder, known, num_classes, None, generator)
+    detector.num_classes = decoder.num_classes = num_classes
+
+
+def _resize_denoising_embedding(
+    decoder: nn.Module,
+    known: Tensor,
+    num_classes: int,
+    text: Tensor | None,
+    generator: torch.Generator | None = None,
+) -> None:
+    """The denoising queries' class embedding for ``num_classes`` classes (+ the zero padding row, last): known
+    classes keep their rows; new ones are composed from them by their texts, or drawn as nn.Embedding draws."""
+    old = getattr(decoder, "denoising_class_embed", None)
+    if old is None:
+        return
+    weight = old.weight.detach()
+    grown = nn.Embedding(num_classes + 1, weight.shape[1], padding_idx=num_classes).to(weight.device)
+    with torch.no_grad():
+        new = torch.ones(num_classes, dtype=torch.bool)
+        new[known] = False
+        if text is not None:
+            center, solution, mean_row, _ = _solve(text[known], weight[:-1])
+            composed = (text.double() - center) @ solution + mean_row
+            grown.weight[:-1] = composed.to(weight.dtype)
+        else:
+            grown.weight.normal_(generator=generator)
+        grown.weight[known] = weight[:-1]
+        grown.weight[num_classes] = 0
+    decoder.denoising_class_embed = grown
