@@ -111,9 +111,9 @@ from multimodal.model.text_encoder import TextEmbeddings, class_embeddings
 from multimodal.model.text_usage import evaluate_model
 from multimodal.train import distributed
 from multimodal.train.checkpoint import PhaseProgress, RunInfo, checkpoint_path
-from multimodal.train.guard import Baseline, ForgettingGuard
+from multimodal.train.guard import ForgettingGuard
 from multimodal.train.optimization import lr_factor, set_lr
-from multimodal.train.records import MetricsLog, epoch_record
+from multimodal.train.records import Baseline, MetricsLog, epoch_record
 from multimodal.train.report import format_epoch, format_evaluation, write_report, write_summary
 from multimodal.train.start import StartPoint, open_resume, resolve_start
 from multimodal.train.step import Phase, TrainingError, build_phase, restore_phase, save_checkpoint, train_step

@@ -109,6 +109,15 @@ def assemble_model(spec: ModelSpec, weights: Weights) -> AssembledModel:
             fix = "to add the dataset's other classes set model.new_classes: text (or random)"
         raise ConfigError(f"{weights.source}: its classes {known_names} differ from the dataset's {names}; {fix}")
     text_form = weights.detector is not None and TEXT_SCORE_KEY in weights.detector
+    if text_form and spec.class_scores != "text":
+        raise ConfigError(
+            f"{weights.source}: its class scores are computed from the text; set model.class_scores: text to use it"
+        )
+    # A checkpoint of this package with these very classes and score heads describes this model exactly: it loads
+    # once the model is assembled. Official files, and weights that get classes added or text score heads fitted, go
+    # through DEIMv2's loader first.
+    same_heads = text_form or spec.class_scores == "linear"
+    exact = weights.detector is not None and weights.class_names is not None and not added and same_heads
     if added and text_form:
         raise ConfigError(
             f"{weights.source}: adding classes to weights whose scores already come from the text is not supported; "
@@ -123,7 +132,7 @@ def assemble_model(spec: ModelSpec, weights: Weights) -> AssembledModel:
     size = (spec.image_size, spec.image_size)
     detector = build_detector(spec.variant.name, len(known_names), eval_size=size)
     reinitialised = []
-    if weights.detector is not None and not text_form:
+    if weights.detector is not None and not exact:
         reinitialised = load_detector_state(detector, weights.detector, weights.source, weights.reinit_class_heads)
     elif weights.backbone:
         detector.backbone.load_pretrained(weights.backbone)
@@ -146,7 +155,7 @@ def assemble_model(spec: ModelSpec, weights: Weights) -> AssembledModel:
             scores_from_text=spec.class_scores == "text",
             known=known,
         )
-    load_weights(model, weights.detector if text_form else None, weights.fusion, weights.source)
+    load_weights(model, weights.detector if exact else None, weights.fusion, weights.source)
     # Taken before any phase freezes anything: the parameters DEIMv2 builds non-trainable stay so in every phase.
     constants = frozenset(id(p) for p in model.parameters() if not p.requires_grad)
     return AssembledModel(model, reinitialised, constants, added, notes)

@@ -81,7 +81,7 @@ class RunInfo:
 class PhaseProgress:
     """A phase's bookkeeping. ``lineage``: the run ids of the phases this one continues, its own last; ``history``:
     per epoch {"epoch", "AP", "AP50"}; ``baseline``: the base detector's metrics and fingerprints
-    (``multimodal.train.guard.Baseline.to_dict``), None in phase 0."""
+    (``multimodal.train.records.Baseline.to_dict``), None in phase 0."""
 
     state: TrainingState
     lineage: list[str]

@@ -9,7 +9,6 @@ a run from another base or on another validation set is refused.
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
@@ -17,7 +16,7 @@ import torch
 from deim_lib.errors import CheckpointError, UserError
 from multimodal.files import atomic_write_text, file_sha256
 from multimodal.train.checkpoint import read_phase_checkpoint
-from multimodal.train.records import EpochRecord, summarize
+from multimodal.train.records import Baseline, EpochRecord, summarize
 
 
 class MonitorError(UserError):
@@ -32,25 +31,6 @@ def state_fingerprint(state_dict: dict[str, torch.Tensor]) -> str:
         digest.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-@dataclass(frozen=True)
-class Baseline:
-    """The base detector's metrics on the validation set, and what identifies the detector and the set."""
-
-    AP: float
-    AP50: float
-    per_class: dict
-    source: str
-    base_fingerprint: str
-    val_fingerprint: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> "Baseline":
-        return cls(**{key: data[key] for key in cls.__dataclass_fields__})
 
 
 class ForgettingGuard:

@@ -1,4 +1,5 @@
-"""One evaluated epoch as a typed record, and ``metrics.jsonl``, the log of the records of an output directory.
+"""One evaluated epoch as a typed record, the base detector's ``Baseline`` it is compared with, and ``metrics.jsonl``,
+the log of the records of an output directory.
 
 ``metrics.jsonl`` holds one record per evaluated epoch of any phase, each with its ``run_id``; a line that is not a
 record (a run killed mid-write, bytes that are not UTF-8) is reported and skipped. A resume from an earlier checkpoint
@@ -10,14 +11,10 @@ keys and their order.
 import json
 import os
 import sys
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from multimodal.phase_table import PHASES
-
-if TYPE_CHECKING:  # guard.py imports this module at run time: importing it back would be a cycle
-    from multimodal.train.guard import Baseline
 
 
 @dataclass(frozen=True)
@@ -103,13 +100,32 @@ class EpochRecord:
         )
 
 
+@dataclass(frozen=True)
+class Baseline:
+    """The base detector's metrics on the validation set, and what identifies the detector and the set."""
+
+    AP: float
+    AP50: float
+    per_class: dict
+    source: str
+    base_fingerprint: str
+    val_fingerprint: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Baseline":
+        return cls(**{key: data[key] for key in cls.__dataclass_fields__})
+
+
 def summarize(metrics: dict) -> dict:
     """The part of a COCO metrics dict that is tracked: AP, AP50 and per-class AP / AP50."""
     return {"AP": metrics["AP"], "AP50": metrics["AP50"], "per_class": metrics["per_class"]}
 
 
 def epoch_record(
-    run_id: str, phase: int, epoch: int, metrics: dict, train_stats: dict, baseline: "Baseline | None"
+    run_id: str, phase: int, epoch: int, metrics: dict, train_stats: dict, baseline: Baseline | None
 ) -> EpochRecord:
     """The record of epoch ``epoch`` (1-based), with its deltas against ``baseline`` in a phase that compares to the
     base.

@@ -16,8 +16,7 @@ import torch
 from deim_lib.evaluate import format_table
 from multimodal.files import atomic_write_text
 from multimodal.phase_table import PHASES
-from multimodal.train.guard import Baseline
-from multimodal.train.records import EpochRecord
+from multimodal.train.records import Baseline, EpochRecord
 
 SIGNAL_NOTE = (
     "Added signal: ‖fusion output − input‖ / ‖input‖ per feature level (fine → coarse) on the validation images; "

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from multimodal.train.checkpoint import PhaseProgress, TrainingState
-from multimodal.train.guard import Baseline, ForgettingGuard, MonitorError, state_fingerprint
-from multimodal.train.records import epoch_record
+from multimodal.train.guard import ForgettingGuard, MonitorError, state_fingerprint
+from multimodal.train.records import Baseline, epoch_record
 
 PER_CLASS = {"a": {"AP": 0.5, "AP50": 0.7}}
 

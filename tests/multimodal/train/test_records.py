@@ -6,8 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from multimodal.train.guard import Baseline
-from multimodal.train.records import EpochRecord, MetricsLog, Reliance, TextFigures, epoch_record
+from multimodal.train.records import Baseline, EpochRecord, MetricsLog, Reliance, TextFigures, epoch_record
 
 BASELINE = Baseline(0.5, 0.7, {"a": {"AP": 0.5, "AP50": 0.7}}, "measured", "base", "val")
 RELIANCE = {"AP_permuted": 0.5, "permuted": 0.02, "AP_mean": 0.51, "mean": 0.01}

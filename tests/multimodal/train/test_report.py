@@ -10,8 +10,7 @@ import torch
 
 from deim_lib.evaluate import METRIC_NAMES
 from multimodal.train.curves import curves_figure
-from multimodal.train.guard import Baseline
-from multimodal.train.records import EpochRecord, TextFigures, epoch_record
+from multimodal.train.records import Baseline, EpochRecord, TextFigures, epoch_record
 from multimodal.train.report import (
     format_epoch,
     format_evaluation,
