@@ -7,9 +7,12 @@ time over seeds, and WiSE-FT curves; prints markdown.
 A run is one or more output directories (one per seed), each holding the ``baseline.json``, ``metrics.jsonl`` and
 ``summary.json`` the training script writes. Values over seeds are "mean ± standard deviation". "best AP" is the
 highest validation AP of the run: what keeping the best checkpoint would give, chosen on the images that score it.
+Also printed: every class's final AP minus its base AP, per run. ``experiments/evidence.py`` runs the whole grid
+and builds its report from these functions.
 """
 
 import argparse
+import itertools
 import json
 import statistics
 from pathlib import Path
@@ -61,6 +64,7 @@ def seed_figures(seed: dict) -> dict:
         "delta_AP50": final["AP50"] - base["AP50"],
         "worst_class": (worst, deltas[worst]),
         "best_class": (best, deltas[best]),
+        "class_deltas": deltas,
         "seconds": sum(r["train"].get("epoch_seconds", r["train"].get("seconds", 0.0)) for r in records),
         "epochs": len(records),
     }
@@ -103,23 +107,68 @@ def wise_ft_rows(curves: list[dict]) -> list[str]:
     return lines
 
 
+def class_delta_rows(figures_by_run: dict[str, list[dict]]) -> list[str]:
+    """One markdown row per class: its final AP minus its base AP in every run (over seeds), classes in the order of
+    the validation set. A class without validation boxes has no AP and is left out."""
+    runs = list(figures_by_run)
+    classes = list(dict.fromkeys(name for figures in figures_by_run.values() for name in figures[0]["class_deltas"]))
+    lines = ["| class | " + " | ".join(runs) + " |", "|---|" + "---|" * len(runs)]
+    for name in classes:
+        cells = []
+        for run in runs:
+            values = [
+                figures["class_deltas"][name] for figures in figures_by_run[run] if name in figures["class_deltas"]
+            ]
+            cells.append(_spread(values, 3, sign=True) if values else "–")
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def ap_per_step(seeds: list[dict]) -> tuple[list[int], list[list[float]]]:
+    """The steps of a run and the AP of every seed at each (step 0: the base detector, where every run starts)."""
+    by_step: dict[int, list[float]] = {}
+    for seed in seeds:
+        by_step.setdefault(0, []).append(seed["baseline"]["AP"])
+        for record in seed["records"]:
+            by_step.setdefault(record["run_step"], []).append(record["AP"])
+    steps = sorted(by_step)
+    return steps, [by_step[step] for step in steps]
+
+
+def phase_starts(records: list[dict]) -> list[tuple[int, int]]:
+    """(step, phase) where a later phase of the run begins: after the last step of the phase before it."""
+    return [
+        (before["run_step"], after["phase"])
+        for before, after in itertools.pairwise(records)
+        if after["phase"] != before["phase"]
+    ]
+
+
 def plot(runs: dict[str, list[dict]], path: Path) -> None:
-    """AP against the step of every run on one axis (one line per seed), zoomed around the base, the base a line."""
+    """AP against the step of every run on one axis: the mean over seeds as a line, the seeds' min–max as a band,
+    the start of every later phase a dotted line in the run's colour, the base a dashed black line; zoomed around
+    the base."""
     figure, axis = plt.subplots(figsize=(10, 5.5), layout="constrained")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     values = []
     for colour, (name, seeds) in zip(colours * 3, runs.items(), strict=False):
-        for number, seed in enumerate(seeds):
-            steps, aps = [r["run_step"] for r in seed["records"]], [r["AP"] for r in seed["records"]]
-            axis.plot(steps, aps, color=colour, alpha=0.8, linewidth=1.2, label=name if number == 0 else None)
-            values += aps
+        steps, aps = ap_per_step(seeds)
+        axis.plot(steps, [statistics.fmean(at) for at in aps], color=colour, linewidth=1.5, label=name)
+        axis.fill_between(steps, [min(at) for at in aps], [max(at) for at in aps], color=colour, alpha=0.15)
+        for step, phase in phase_starts(seeds[0]["records"]):
+            axis.axvline(step, color=colour, linestyle=":", linewidth=1)
+            axis.text(
+                step, 0.99, f" phase {phase}", color=colour, fontsize=8, va="top", transform=axis.get_xaxis_transform()
+            )
+        values += [value for at in aps for value in at]
     base = next(iter(runs.values()))[0]["baseline"]["AP"]
     axis.axhline(base, color="black", linestyle="--", linewidth=1.2, label=f"base detector {base:.4f}")
-    spread = max(abs(value - base) for value in values)
+    spread = max(abs(value - base) for value in values) or 0.01
     axis.set_ylim(base - 1.15 * spread, base + 1.15 * spread)
     axis.set_xlabel("training step (all phases of a run in order)")
     axis.set_ylabel("COCO AP, validation (EMA weights)")
-    axis.set_title("Fine-tuning the real DEIMv2-Atto: AP per epoch, every seed")
+    seeds = max(len(seeds) for seeds in runs.values())
+    axis.set_title(f"AP per epoch: mean over {seeds} seed{'s' if seeds > 1 else ''} (line), min–max (band)")
     axis.grid(alpha=0.3)
     axis.legend(fontsize=8, ncol=2)
     figure.savefig(path, dpi=110)
@@ -139,6 +188,7 @@ def main(argv: list[str] | None = None) -> int:
         runs[name] = [read_run(Path(directory)) for directory in directories.split(",")]
     record = {name: [seed_figures(seed) for seed in seeds] for name, seeds in runs.items()}
     print("\n".join(summary_rows(record)))
+    print("\nPer class, final AP − base AP:\n\n" + "\n".join(class_delta_rows(record)))
     if args.wise_ft:
         curves = [json.loads((Path(d) / "curve.json").read_text()) for d in args.wise_ft.split(",")]
         print("\nWiSE-FT (AP of each mix on the validation set):\n\n" + "\n".join(wise_ft_rows(curves)))
