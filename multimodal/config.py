@@ -37,7 +37,8 @@ class ModelConfig:
     class_scores: str | None = None
     # Classes of the data that the start weights lack (known classes matched by name, or for an official file the
     # first K categories): "none" refuses them; "text" scores them from their descriptions (no labelled image
-    # needed); "random" gives them fresh rows, the control. The known classes keep their scores either way.
+    # needed; with class_scores "linear", as ordinary rows composed from the known rows by the descriptions, which
+    # then train freely); "random" gives them fresh rows, the control. The known classes keep their scores either way.
     new_classes: str = "none"
 
 
@@ -331,11 +332,6 @@ def validate(config: TrainConfig) -> None:
     _one_of("model.new_classes", model.new_classes, ("none", "text", "random"))
     if model.class_scores is not None:
         _one_of("model.class_scores", model.class_scores, ("linear", "text"))
-    if model.new_classes == "text" and model.class_scores == "linear":
-        raise ConfigError(
-            "model.new_classes: text scores the new classes from their descriptions, which needs "
-            "model.class_scores: text (or leave class_scores unset)"
-        )
     if model.new_classes != "none" and model.reinit_class_heads:
         raise ConfigError(
             "model.reinit_class_heads replaces every class row, model.new_classes keeps the known ones: set only one"

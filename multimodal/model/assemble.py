@@ -18,7 +18,7 @@ from deim_lib.errors import CheckpointError
 from deim_lib.model import build_detector
 from deim_lib.variants import Variant, get_variant
 from multimodal.config import ConfigError, FusionConfig, stored_section
-from multimodal.model.class_scores import add_random_rows
+from multimodal.model.class_scores import ClassTexts, add_random_rows, add_text_rows, fit_residual
 from multimodal.model.detector import MultimodalDetector, attach_text, load_weights
 from multimodal.model.fusion import LevelFusion, TextAwareClassifier
 from multimodal.model.text_encoder import TextEmbeddings
@@ -138,6 +138,8 @@ def assemble_model(spec: ModelSpec, weights: Weights) -> AssembledModel:
         detector.backbone.load_pretrained(weights.backbone)
     if added and spec.new_classes == "random":
         add_random_rows(detector, known, len(names))
+    if added and spec.new_classes == "text" and spec.class_scores == "linear":
+        add_text_rows(detector, ClassTexts(spec.text.embeddings), known)
     if spec.sync_batchnorm:
         detector = nn.SyncBatchNorm.convert_sync_batchnorm(detector)
     if spec.text is None:
@@ -154,6 +156,13 @@ def assemble_model(spec: ModelSpec, weights: Weights) -> AssembledModel:
             classifier=spec.designs.classifier,
             scores_from_text=spec.class_scores == "text",
             known=known,
+        )
+    residual = fit_residual(model.detector)
+    if spec.class_scores == "text" and not text_form and residual > 1e-4:
+        notes.append(
+            f"the text score heads were fitted to the trained ones by least squares with a relative residual of "
+            f"{residual:.2g} (the class texts do not span the classes exactly, e.g. more classes than the text width): "
+            "the scores start close to the detector's, not equal"
         )
     load_weights(model, weights.detector if exact else None, weights.fusion, weights.source)
     # Taken before any phase freezes anything: the parameters DEIMv2 builds non-trainable stay so in every phase.

@@ -74,6 +74,7 @@ def fit(head: nn.Linear, texts: ClassTexts, known: Tensor) -> tuple[TextClassSco
         scores.text_map.bias.copy_(solution[:, -1])
         scores.shared.weight.copy_(mean_row[None, :-1])
         scores.shared.bias.copy_(mean_row[-1:])
+    scores.fit_residual = residual  # how far from ``head`` it starts; not saved: a loaded map is what it is
     return scores.to(head.weight.device), residual
 
 
@@ -85,6 +86,11 @@ def _score_heads(decoder: nn.Module) -> list[tuple[nn.Module, str]]:
     ]
 
 
+def fit_residual(detector: nn.Module) -> float:
+    """The largest relative residual of the fits that gave ``detector`` its text score heads (0: exact)."""
+    return max(getattr(getattr(parent, name), "fit_residual", 0.0) for parent, name in _score_heads(detector.decoder))
+
+
 def use_text_scores(detector: nn.Module, texts: ClassTexts, known: Tensor) -> float:
     """Replace every score head of ``detector`` by a ``TextClassScores`` fitted to it, in place; the detector then has
     one class per row of ``texts``. ``known[j]``: the row of ``texts`` describing the head's class j. Returns the
@@ -94,6 +100,30 @@ def use_text_scores(detector: nn.Module, texts: ClassTexts, known: Tensor) -> fl
     for parent, name in _score_heads(decoder):
         scores, error = fit(getattr(parent, name), texts, known)
         setattr(parent, name, scores)
+        residual = max(residual, error)
+    _resize_denoising_embedding(decoder, known, len(texts.embeddings), texts.embeddings)
+    detector.num_classes = decoder.num_classes = len(texts.embeddings)
+    return residual
+
+
+def add_text_rows(detector: nn.Module, texts: ClassTexts, known: Tensor) -> float:
+    """Grow every linear score head to one row per text in place: the known classes keep their rows, the others get
+    the rows a ``TextClassScores`` head fitted to it gives them (the known rows composed by the texts). The rows
+    then train freely, as DEIMv2's do. Returns the largest fit residual."""
+    decoder = detector.decoder
+    residual = 0.0
+    for parent, name in _score_heads(decoder):
+        head = getattr(parent, name)
+        scores, error = fit(head, texts, known)
+        grown = nn.Linear(head.in_features, len(texts.embeddings)).to(head.weight.device)
+        with torch.no_grad():
+            # The logits of one-hot queries are the rows: W(t − μ) + h per class, and the bias likewise.
+            centred = texts.embeddings - scores.center
+            grown.weight.copy_(centred @ scores.text_map.weight + scores.shared.weight)
+            grown.bias.copy_(centred @ scores.text_map.bias + scores.shared.bias)
+            grown.weight[known] = head.weight
+            grown.bias[known] = head.bias
+        setattr(parent, name, grown)
         residual = max(residual, error)
     _resize_denoising_embedding(decoder, known, len(texts.embeddings), texts.embeddings)
     detector.num_classes = decoder.num_classes = len(texts.embeddings)

@@ -131,3 +131,14 @@ def test_every_shipped_phase_reaches_its_lr_after_warm_up(path):
     for rule in PHASES:
         phase = config.phase(rule.index)
         assert phase.warmup_iters < phase.epochs * steps_per_epoch, f"{path.name}: phase{rule.index}"
+
+
+def test_class_scores_follow_new_classes_unless_set_and_conflicts_are_named():
+    assert load_config(None, DATA).model.class_scores == "linear"
+    assert load_config(None, [*DATA, "model.new_classes=text"]).model.class_scores == "text"
+    rows = load_config(None, [*DATA, "model.new_classes=text", "model.class_scores=linear"])
+    assert rows.model.class_scores == "linear"  # text-initialised free rows
+    with pytest.raises(ConfigError, match=r"model\.new_classes: 'words' is not one of"):
+        load_config(None, [*DATA, "model.new_classes=words"])
+    with pytest.raises(ConfigError, match="set only one"):
+        load_config(None, [*DATA, "model.new_classes=random", "model.reinit_class_heads=true"])

@@ -133,3 +133,20 @@ def test_editing_a_description_changes_that_class_scores_only():
 def test_phase_zero_cannot_score_from_the_text():
     with pytest.raises(ConfigError, match="phase 0 does not have"):
         assemble_model(spec(NAMES, text=None), Weights("base.pth", trained_detector(len(NAMES))))
+
+
+def test_a_fit_that_cannot_be_exact_is_said_in_the_notes():
+    state = trained_detector(len(NAMES))
+    exact = assemble_model(spec(NAMES), Weights("base.pth", state))
+    narrow = assemble_model(spec(NAMES, text=text_of(NAMES, dim=2)), Weights("base.pth", state))
+    assert not exact.notes
+    assert "least squares with a relative residual" in narrow.notes[0]
+
+
+def test_text_initialised_free_rows_start_as_the_shared_map_scores():
+    """new_classes: text with class_scores: linear: ordinary DEIMv2 rows, composed by the texts, that train freely."""
+    state, features = trained_detector(3), torch.randn(1, 30, 64)
+    shared = assemble_model(spec(NAMES, new_classes="text"), Weights("base.pth", state)).model
+    rows = assemble_model(spec(NAMES, class_scores="linear", new_classes="text"), Weights("base.pth", state)).model
+    assert shared.scores_from_text and not rows.scores_from_text
+    torch.testing.assert_close(head_logits(rows, features), head_logits(shared, features), atol=1e-4, rtol=1e-4)

@@ -133,8 +133,7 @@ def assert_same_state(model: nn.Module, expected: nn.Module) -> None:
 
 def test_training_checkpoint_loads_ema_fusion_with_config_heads_and_text_constants(checkpoints):
     inference = load_for_inference(checkpoints["paths"]["phase2"])
-    assert isinstance(inference.model, MultimodalDetector)
-    assert not inference.model.training
+    assert inference.model.uses_text and not inference.model.training
     assert_same_state(inference.model, checkpoints["models"]["phase2"])  # EMA weights, not the decoy ``model``
     assert inference.model.text_classifier is not None
     assert inference.model.fusion.levels[0].num_heads == NUM_HEADS
