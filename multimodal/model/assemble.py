@@ -109,24 +109,24 @@ def assemble_model(spec: ModelSpec, weights: Weights) -> AssembledModel:
             fix = "to add the dataset's other classes set model.new_classes: text (or random)"
         raise ConfigError(f"{weights.source}: its classes {known_names} differ from the dataset's {names}; {fix}")
     text_form = weights.detector is not None and TEXT_SCORE_KEY in weights.detector
-    if text_form and spec.class_scores != "text":
-        raise ConfigError(
-            f"{weights.source}: its class scores are computed from the text; set model.class_scores: text to use it"
-        )
+    if text_form and (spec.class_scores != "text" or spec.text is None):
+        fix = "set model.class_scores: text" if spec.text is not None else "use it in a phase with text (1-3)"
+        raise ConfigError(f"{weights.source}: its class scores are computed from the text; {fix}")
     # A checkpoint of this package with these very classes and score heads describes this model exactly: it loads
     # once the model is assembled. Official files, and weights that get classes added or text score heads fitted, go
     # through DEIMv2's loader first.
-    same_heads = text_form or spec.class_scores == "linear"
+    scores_from_text = spec.class_scores == "text" and spec.text is not None  # phase 0 has no text: linear heads
+    same_heads = text_form == scores_from_text
     exact = weights.detector is not None and weights.class_names is not None and not added and same_heads
     if added and text_form:
         raise ConfigError(
             f"{weights.source}: adding classes to weights whose scores already come from the text is not supported; "
             "add them when starting from the linear-head checkpoint (an official file or a phase-0/1 checkpoint)"
         )
-    if spec.text is None and (spec.class_scores == "text" or (added and spec.new_classes == "text")):
+    if spec.text is None and added and spec.new_classes == "text":
         raise ConfigError(
-            "model.class_scores: text (and model.new_classes: text) compute the class scores from the class texts, "
-            "which phase 0 does not have; run phase 0 with model.class_scores: linear, or start at phase 1"
+            "model.new_classes: text composes the new classes from their descriptions, which phase 0 does not use; "
+            "add them from phase 1 on, or use model.new_classes: random"
         )
     known = torch.tensor([names.index(name) for name in known_names])
     size = (spec.image_size, spec.image_size)
@@ -154,11 +154,11 @@ def assemble_model(spec: ModelSpec, weights: Weights) -> AssembledModel:
             spec.fusion.text_aware_classification,
             level=spec.designs.level,
             classifier=spec.designs.classifier,
-            scores_from_text=spec.class_scores == "text",
+            scores_from_text=scores_from_text,
             known=known,
         )
     residual = fit_residual(model.detector)
-    if spec.class_scores == "text" and not text_form and residual > 1e-4:
+    if scores_from_text and not text_form and residual > 1e-4:
         notes.append(
             f"the text score heads were fitted to the trained ones by least squares with a relative residual of "
             f"{residual:.2g} (the class texts do not span the classes exactly, e.g. more classes than the text width): "

@@ -130,9 +130,12 @@ def test_editing_a_description_changes_that_class_scores_only():
     assert (after[..., 4] - before[..., 4]).abs().max() > 1e-3
 
 
-def test_phase_zero_cannot_score_from_the_text():
-    with pytest.raises(ConfigError, match="phase 0 does not have"):
-        assemble_model(spec(NAMES, text=None), Weights("base.pth", trained_detector(len(NAMES))))
+def test_phase_zero_keeps_linear_heads_and_cannot_compose_new_classes():
+    state = trained_detector(3)
+    phase_zero = assemble_model(spec(NAMES[:3], text=None), Weights("base.pth", state)).model
+    assert not phase_zero.scores_from_text  # the heads are fitted when phase 1 attaches the text
+    with pytest.raises(ConfigError, match="phase 0 does not use"):
+        assemble_model(spec(NAMES, text=None, new_classes="text"), Weights("base.pth", state))
 
 
 def test_a_fit_that_cannot_be_exact_is_said_in_the_notes():
