@@ -22,7 +22,7 @@ from deim_lib.decoder.denoising import contrastive_denoising_group
 __all__ = ["DEIMTransformer", "generate_anchors"]
 
 # Score-head bias for a prior probability of 0.01, so the many background queries start with a small loss.
-_PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)
+PRIOR_BIAS = -math.log((1 - 0.01) / 0.01)
 
 
 def generate_anchors(
@@ -161,7 +161,7 @@ class DEIMTransformer(nn.Module):
         """One score head and one corner head per layer, deep copies of one initialised instance (or one shared
         corner head, as the small official variants use)."""
         score_head = nn.Linear(self.hidden_dim, self.num_classes)
-        nn.init.constant_(score_head.bias, _PRIOR_BIAS)
+        nn.init.constant_(score_head.bias, PRIOR_BIAS)
         bbox_head = MLP(self.hidden_dim, self.hidden_dim, 4 * (self.reg_max + 1), 3)
         nn.init.zeros_(bbox_head.layers[-1].weight)
         nn.init.zeros_(bbox_head.layers[-1].bias)
@@ -171,7 +171,7 @@ class DEIMTransformer(nn.Module):
         )
 
     def _reset_parameters(self) -> None:
-        nn.init.constant_(self.enc_score_head.bias, _PRIOR_BIAS)
+        nn.init.constant_(self.enc_score_head.bias, PRIOR_BIAS)
         # Zero last layers: encoder boxes start at their anchors and the first refinement starts at the encoder box.
         for head in (self.enc_bbox_head, self.pre_bbox_head):
             nn.init.zeros_(head.layers[-1].weight)

@@ -17,9 +17,8 @@ text in the known classes' centred texts.
 import torch
 from torch import Tensor, nn
 
+from deim_lib.decoder.deim_transformer import PRIOR_BIAS
 from multimodal.model.fusion import in_float32
-
-PRIOR_BIAS = -4.59511985013459  # DEIMv2's score-head bias at initialisation: −log((1 − 0.01) / 0.01)
 
 
 class ClassTexts(nn.Module):

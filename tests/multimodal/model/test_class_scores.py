@@ -152,4 +152,7 @@ def test_text_initialised_free_rows_start_as_the_shared_map_scores():
     shared = assemble_model(spec(NAMES, new_classes="text"), Weights("base.pth", state)).model
     rows = assemble_model(spec(NAMES, class_scores="linear", new_classes="text"), Weights("base.pth", state)).model
     assert shared.scores_from_text and not rows.scores_from_text
+    # Plain DEIMv2 rows: the detector's keys and shapes are an official 5-class detector's.
+    official = build_detector("atto", len(NAMES), eval_size=(SIZE, SIZE)).state_dict()
+    assert {k: v.shape for k, v in rows.detector.state_dict().items()} == {k: v.shape for k, v in official.items()}
     torch.testing.assert_close(head_logits(rows, features), head_logits(shared, features), atol=1e-4, rtol=1e-4)
