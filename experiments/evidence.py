@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 from deim_lib.cli import HelpFormatter, make_output_dir, report
 from deim_lib.errors import UserError
-from experiments import compare_runs
+from experiments import compare_runs, held_out_classes
 from multimodal.config import TrainConfig, load_config
 from multimodal.files import atomic_write, atomic_write_text, process_alive
 from multimodal.model.text_encoder import load_text_embeddings
@@ -56,10 +56,12 @@ RUNS = {
     "progressive_random_text": "progressive with random unit class embeddings: is the text more than a code per class?",
     "progressive_permuted_text": "progressive with the real text rows permuted among the classes: the text's meaning",
     "wise_ft": "joint_2e-4's end point mixed with the base (multimodal.tools.interpolate)",
+    "held_out_classes": "each class (--held-out-count classes) left out of the base in turn and added back by its "
+    "description, no training: against random and permuted text, fresh rows and the base's own rows (once, no seed)",
     "fusion_only": "phase 1 alone for all the epochs (not in the default grid)",
     "joint_backbone_2e-5": "joint with the backbone too, at 2e-5 (not in the default grid)",
 }
-DEFAULT_RUNS = list(RUNS)[:8]
+DEFAULT_RUNS = list(RUNS)[:9]
 ONE_PHASE_SETTINGS = {
     "joint_2e-4": [JOINT, "phase1.lr=2e-4"],
     "joint_2e-5": [JOINT, "phase1.lr=2e-5"],
@@ -117,11 +119,18 @@ class Grid:
     budgets: dict[int, int]  # progressive phase → epochs
     class_head_lr: float | None  # the LR the recipe trains the class heads at (phase 2's)
     text_files: dict[str, Path]  # text-control run → its class embeddings
+    held_out_count: int  # classes left out in each split of held_out_classes
 
 
 def run_steps(run: str, seed: int, grid: Grid) -> list[Step]:
     """The processes of one run and seed, in order."""
     directory, device, budgets = grid.output / f"{run}_s{seed}", grid.device, grid.budgets
+    if run == "held_out_classes":
+        directory = grid.output / run
+        arguments = [str(PROJECT_DIR / "experiments" / "held_out_classes.py"), "--config", str(grid.config)]
+        arguments += ["--init", str(grid.init), "--output", str(directory), "--count", str(grid.held_out_count)]
+        arguments += [*device, *(f"--set={value}" for value in grid.overrides)]
+        return [Step(run, seed, directory, "held_out", arguments, 1)]
     if run == "wise_ft":
         joint = grid.output / f"joint_2e-4_s{seed}"
         arguments = ["-m", "multimodal.tools.interpolate", "--base", str(grid.init), "--output", str(directory)]
@@ -148,17 +157,6 @@ def run_steps(run: str, seed: int, grid: Grid) -> list[Step]:
     return steps
 
 
-def class_prompts(config: TrainConfig) -> dict[str, list[str]]:
-    """Class name → descriptions: ``data.classes``, else the validation set's category names in id order."""
-    if config.data.classes:
-        return dict(config.data.classes)
-    annotations = Path(config.data.val_annotations)
-    if not annotations.is_file():
-        raise EvidenceError(f"data.val_annotations {annotations}: not found; the text controls need the class list")
-    categories = sorted(json.loads(annotations.read_text())["categories"], key=lambda category: category["id"])
-    return {category["name"]: [category["name"]] for category in categories}
-
-
 def write_text_controls(config: TrainConfig, output: Path, runs: list[str]) -> tuple[dict[str, Path], list[str]]:
     """The class embeddings of the text-control runs, written once into ``<output>/text`` (seeded: every copy of the
     command writes the same rows). Returns the files by run, and notes on runs that cannot be made."""
@@ -168,7 +166,7 @@ def write_text_controls(config: TrainConfig, output: Path, runs: list[str]) -> t
         return files, []
     # The real rows: the config's text model (cached) or its text_encoder.precomputed file.
     cache = Path(config.text_encoder.cache_dir) if config.text_encoder.cache_dir else output / "text_cache"
-    rows = load_text_embeddings(class_prompts(config), config.text_encoder, cache).embeddings.numpy()
+    rows = load_text_embeddings(held_out_classes.class_prompts(config), config.text_encoder, cache).embeddings.numpy()
     rng = np.random.default_rng(0)
     random_rows = rng.standard_normal(rows.shape)
     # A random cycle over the classes: every class takes the next one's row, so none keeps its own.
@@ -186,6 +184,14 @@ def write_text_controls(config: TrainConfig, output: Path, runs: list[str]) -> t
     for run, path in files.items():
         atomic_write(path, lambda file, run=run: np.save(file, arrays[run].astype(np.float32)))
     return files, notes
+
+
+def grid_steps(runs: list[str], seeds: list[int], grid: Grid) -> list[Step]:
+    """Every process of the grid in order: the held-out-class test once (it trains nothing, so has no seed), then
+    each run for each seed."""
+    steps = run_steps("held_out_classes", seeds[0], grid) if "held_out_classes" in runs else []
+    trained = [run for run in runs if run != "held_out_classes"]
+    return steps + [step for seed in seeds for run in trained for step in run_steps(run, seed, grid)]
 
 
 def take_lock(lock: Path) -> bool:
@@ -358,14 +364,53 @@ def conclusion(figures: dict[str, list[dict]]) -> list[dict]:
     return answers
 
 
+def held_out_sentence(results: dict) -> str:
+    """The held-out-class test in one sentence: the mean held-out AP of each variant over the splits, how often the
+    text beat random text, and how far the known classes moved from the base."""
+    splits = list(results.values())
+
+    def mean(variant: str) -> float:
+        return statistics.fmean(split["variants"][variant]["held_out_AP"] for split in splits)
+
+    variants = [split["variants"] for split in splits]
+    wins = sum(variant["text"]["held_out_AP"] > variant["random"]["held_out_AP"] for variant in variants)
+    moved = max(
+        abs(values["known_AP"] - split["variants"]["oracle"]["known_AP"])
+        for split in splits
+        for name, values in split["variants"].items()
+        if name != "oracle"
+    )
+    permuted = [split for split in splits if "permuted" in split["variants"]]
+    permuted_text = f", {mean('permuted'):.4f} with permuted text" if len(permuted) == len(splits) else ""
+    if wins == len(splits):
+        verdict = "the text's content carries over to a class without boxes"
+    else:
+        verdict = "not every split shows that the text's content carries over"
+    return (
+        f"scored from their descriptions, the left-out classes reach {mean('text'):.4f} AP on average over "
+        f"{len(splits)} splits, against {mean('random'):.4f} with random text{permuted_text}, "
+        f"{mean('random_rows'):.4f} with fresh rows and {mean('oracle'):.4f} with the base's own rows (the ceiling); "
+        f"the text beats random text in {wins} of {len(splits)} splits: {verdict}. The known classes move by at most "
+        f"{moved:.4f} AP from the base."
+    )
+
+
 def write_report(
     grid: Grid, config: TrainConfig, runs: list[str], steps: list[Step], seeds: list[int], notes: list[str]
 ) -> str:
     """evidence.md, evidence.json and evidence_ap.png from the finished runs; returns the markdown."""
     last_marker = {(step.run, step.seed): step.marker for step in steps}  # a run is finished when its last step is
+    trained_runs = [run for run in runs if run != "held_out_classes"]
     finished = {
-        run: [grid.output / f"{run}_s{seed}" for seed in seeds if last_marker[(run, seed)].is_file()] for run in runs
+        run: [grid.output / f"{run}_s{seed}" for seed in seeds if last_marker[(run, seed)].is_file()]
+        for run in trained_runs
     }
+    held_out = None
+    if "held_out_classes" in runs:
+        if last_marker[("held_out_classes", seeds[0])].is_file():
+            held_out = json.loads((grid.output / "held_out_classes" / "results.json").read_text())
+        else:
+            notes = [*notes, "held_out_classes: not finished yet: run the command again"]
     notes = notes + [
         f"{run}: {len(seeds) - len(directories)} of {len(seeds)} seeds not finished yet: run the command again"
         for run, directories in finished.items()
@@ -389,6 +434,7 @@ def write_report(
         "## Conclusion",
         "",
         *[f"- **{answer['question']}** {answer['sentence']}" for answer in answers],
+        *([f"- **Can a class be added by its description?** {held_out_sentence(held_out)}"] if held_out else []),
         "",
         *([meaning_note(config)] if TEXT_RUNS.keys() & figures.keys() else []),
         "A difference counts as shown when it exceeds the seed spread: the larger standard deviation over seeds of the "
@@ -405,6 +451,9 @@ def write_report(
         lines += ["## Per class: final AP − base AP", "", *compare_runs.class_delta_rows(figures), ""]
     if curves:
         lines += ["## WiSE-FT of joint_2e-4 (AP of each mix)", "", *compare_runs.wise_ft_rows(curves), ""]
+    if held_out:
+        title = "## Classes added by description (each split left out of the base, scored from its text, no training)"
+        lines += [title, "", held_out_classes.table(held_out), ""]
     if notes:
         lines += ["## Not in this report", "", *[f"- {note}" for note in notes], ""]
     markdown = "\n".join(lines)
@@ -415,6 +464,7 @@ def write_report(
         "runs": figures,
         "wise_ft": curves,
         "conclusion": answers,
+        "held_out_classes": held_out,
         "notes": notes,
     }
     atomic_write_text(grid.output / "evidence.json", json.dumps(record, indent=1) + "\n")
@@ -435,6 +485,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     add("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every phase")
     add("--device", choices=["cpu", "cuda"], help="passed to every phase (default: theirs, cuda when available)")
     add("--python", default=sys.executable, help="interpreter of the phases")
+    add("--held-out-count", type=int, default=1, help="held_out_classes: classes left out in each split")
     return parser.parse_args(argv)
 
 
@@ -463,6 +514,13 @@ def main(argv: list[str] | None = None) -> int:
         seeds = list(dict.fromkeys(args.seeds))
         text_files, notes = write_text_controls(config, args.output, runs)
         runs = [run for run in runs if run not in TEXT_RUNS or run in text_files]
+        num_classes = len(held_out_classes.class_prompts(config))
+        if "held_out_classes" in runs and not 1 <= args.held_out_count <= num_classes - 2:
+            runs.remove("held_out_classes")
+            notes.append(
+                f"held_out_classes skipped: {num_classes} classes allow 1 to {num_classes - 2} left out (two known "
+                f"classes must remain), --held-out-count is {args.held_out_count}"
+            )
         grid = Grid(
             config=args.config.resolve(),
             init=args.init.resolve(),
@@ -472,8 +530,9 @@ def main(argv: list[str] | None = None) -> int:
             budgets=phase_budgets(config, args.phases, args.budget),
             class_head_lr=config.phase2.lr,
             text_files=text_files,
+            held_out_count=args.held_out_count,
         )
-        steps = [step for seed in seeds for run in runs for step in run_steps(run, seed, grid)]
+        steps = grid_steps(runs, seeds, grid)
         notes += run_grid(steps, args.python)
         print(write_report(grid, config, runs, steps, seeds, notes))
         print(f"written: {args.output / 'evidence.md'}, evidence.json, evidence_ap.png")

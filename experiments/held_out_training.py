@@ -37,18 +37,26 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from the repository root
 
 import train_progressive
-from experiments.held_out_classes import (
-    SHARED,
-    VAL_IMAGES,
-    class_mean,
-    evaluate,
-    prepare_split,
-    split_classes,
-    text_rows,
-)
+from experiments.held_out_classes import Setup, class_mean, class_texts, evaluate, prepare_split, split_classes
 from experiments.merge_coco import merge
 
+SHARED = Path(__file__).resolve().parents[2] / "shared"
 DATASETS = SHARED / "datasets"
+VAL_IMAGES = DATASETS / "coco-tiny" / "val2017"
+VAL_ANNOTATIONS = DATASETS / "coco-tiny" / "annotations" / "instances_val2017.json"
+# The real DEIMv2-Atto of ../shared and the real CLIP texts of COCO's 80 classes, evaluated on coco-tiny val.
+COCO = Setup(
+    config_file=None,
+    overrides=[  # evaluation: the validation images stand in for the training ones
+        *(f"data.{kind}_images={VAL_IMAGES}" for kind in ("train", "val")),
+        *(f"data.{kind}_annotations={VAL_ANNOTATIONS}" for kind in ("train", "val")),
+        f"text_encoder.precomputed={SHARED / 'clip' / 'coco_clip_a+cname.npy'}",
+        "data.val_batch_size=40",
+    ],
+    init=SHARED / "real" / "deimv2_atto_coco.pth",
+    device="cpu",
+)
+HELD_OUT = 12
 TRAIN_SOURCES = [
     ("coco-tiny/train2017", "coco-tiny/annotations/instances_train2017.json"),
     ("coco128/train2017", "coco128/annotations/instances_train2017.json"),
@@ -145,16 +153,17 @@ def run(
     lr: float | None,
     only: list[str] | None = None,
 ) -> dict:
-    results, rows_of_text = {}, text_rows("clip", output / "text_cache")
+    results, rows_of_text = {}, class_texts(COCO.config(), output / "text_cache")
     variants = (
         [variant for variant in VARIANTS if variant in only]
         if only
         else ["text", "random_rows", *(["text_rows", "oracle"] if any(shots) else [])]
     )
     for offset in offsets:
-        split = prepare_split(output / f"split_{offset}", split_classes(offset), rows_of_text)
+        held = split_classes(offset, num_classes=80, count=HELD_OUT)
+        split = prepare_split(COCO, output / f"split_{offset}", held, rows_of_text)
         starts = {
-            name: summary(evaluate(split, VARIANTS[name][3]), split) for name in ("text", "random_rows", "oracle")
+            name: summary(evaluate(COCO, split, VARIANTS[name][3]), split) for name in ("text", "random_rows", "oracle")
         }
         runs = []
         for shot in shots:

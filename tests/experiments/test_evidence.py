@@ -26,13 +26,15 @@ spec.loader.exec_module(evidence)
 
 @pytest.fixture(scope="module")
 def grid(tmp_path_factory, tiny_data, text_cache) -> tuple[list[str], Path, str]:
-    """progressive (phases 1 and 2, one epoch each) and joint_2e-4 (two epochs), seed 0: three processes."""
+    """progressive (phases 1 and 2, one epoch each), joint_2e-4 (two epochs), seed 0, and the held-out-class test with
+    three of the five classes left out (one split): four processes."""
     directory = tmp_path_factory.mktemp("evidence")
     config = write_config(directory, tiny_data, text_cache)
     base = official_checkpoint(directory / "base.pth")
     output = directory / "grid"
     arguments = ["--config", config, "--init", base, "--seeds", "0", "--output", output, "--device", "cpu"]
-    arguments = [*map(str, arguments), "--runs", "progressive", "joint_2e-4", "--phases", "1", "2"]
+    arguments = [*map(str, arguments), "--runs", "progressive", "joint_2e-4", "held_out_classes", "--phases", "1", "2"]
+    arguments += ["--held-out-count", "3"]
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         assert evidence.main(arguments) == 0
@@ -41,7 +43,7 @@ def grid(tmp_path_factory, tiny_data, text_cache) -> tuple[list[str], Path, str]
 
 def test_a_tiny_grid_writes_the_table_the_figure_and_the_conclusion(grid):
     _, output, printed = grid
-    assert "grid: 0/3 phases, 0/2 runs done" in printed and "grid: 3/3 phases, 2/2 runs done" in printed
+    assert "grid: 0/4 phases, 0/3 runs done" in printed and "grid: 4/4 phases, 3/3 runs done" in printed
     markdown = (output / "evidence.md").read_text()
     assert "| progressive | 1 | 2 |" in markdown and "| joint_2e-4 | 1 | 2 |" in markdown  # seeds, epochs
     assert "## Per class: final AP − base AP" in markdown and "| crack |" in markdown
@@ -53,6 +55,9 @@ def test_a_tiny_grid_writes_the_table_the_figure_and_the_conclusion(grid):
     for marker in ("progressive_s0/phase1.done", "progressive_s0/phase2.done", "joint_2e-4_s0/phase1.done"):
         assert (output / marker).is_file()
     assert not list(output.glob("*/*.lock"))
+    assert "**Can a class be added by its description?** scored from their descriptions" in markdown
+    (split,) = record["held_out_classes"].values()
+    assert len(split["held_out"]) == 3 and set(split["variants"]) == set(evidence.held_out_classes.VARIANTS)
 
 
 def modification_times(directory: Path) -> dict[str, int]:
@@ -137,6 +142,7 @@ def test_the_runs_reproduce_the_budgets_of_real_atto(tmp_path):
         budgets={1: 5, 2: 4, 3: 3},
         class_head_lr=5e-5,
         text_files={"progressive_permuted_text": tmp_path / "permuted.npy"},
+        held_out_count=12,
     )
     progressive = evidence.run_steps("progressive_permuted_text", 0, grid)
     assert [step.epochs for step in progressive] == [5, 4, 3]
@@ -156,6 +162,13 @@ def test_the_runs_reproduce_the_budgets_of_real_atto(tmp_path):
     (wise_ft,) = evidence.run_steps("wise_ft", 2, grid)
     assert wise_ft.requires == tmp_path / "joint_2e-4_s2" / "phase1.done"
     assert str(tmp_path / "joint_2e-4_s2" / "phase1_last.pth") in wise_ft.arguments
+    steps = evidence.grid_steps(["progressive", "held_out_classes"], [0, 1], grid)
+    assert [(step.run, step.seed) for step in steps] == [
+        ("held_out_classes", 0),
+        *[("progressive", 0)] * 3,
+        *[("progressive", 1)] * 3,
+    ]  # the held-out test once: it trains nothing
+    assert steps[0].arguments[-5:] == ["--count", "12", "--device", "cpu", "--set=phase1.warmup_iters=20"]
 
 
 def test_text_controls_are_random_unit_rows_and_a_derangement_of_the_real_rows(tmp_path, tiny_data, text_cache):

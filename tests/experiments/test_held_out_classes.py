@@ -13,15 +13,38 @@ spec.loader.exec_module(held_out_classes)
 
 
 @pytest.fixture(scope="module")
-def split(tmp_path_factory, real_atto, coco_clip, datasets_dir):
-    rows = held_out_classes.text_rows("clip", tmp_path_factory.mktemp("cache"))
-    return held_out_classes.prepare_split(tmp_path_factory.mktemp("held_out"), held_out_classes.split_classes(0), rows)
+def coco_setup(real_atto, coco_clip, datasets_dir):
+    coco = datasets_dir / "coco-tiny"
+    overrides = [  # evaluation only: the validation images stand in for the training ones
+        *(f"data.{kind}_images={coco / 'val2017'}" for kind in ("train", "val")),
+        *(f"data.{kind}_annotations={coco / 'annotations' / 'instances_val2017.json'}" for kind in ("train", "val")),
+        f"text_encoder.precomputed={coco_clip}",
+        "data.val_batch_size=40",
+    ]
+    return held_out_classes.Setup(None, overrides, real_atto, "cpu")
 
 
-def test_held_out_classes_scored_from_clip_text_beat_permuted_text_and_leave_the_known_classes_alone(split):
-    oracle, clip, permuted = (held_out_classes.evaluate(split, variant) for variant in ("oracle", "text", "permuted"))
+@pytest.fixture(scope="module")
+def split(tmp_path_factory, coco_setup):
+    rows = held_out_classes.class_texts(coco_setup.config(), tmp_path_factory.mktemp("cache"))
+    held = held_out_classes.split_classes(0, num_classes=80, count=12)
+    return held_out_classes.prepare_split(coco_setup, tmp_path_factory.mktemp("held_out"), held, rows)
+
+
+def test_held_out_classes_scored_from_clip_text_beat_permuted_text_and_leave_the_known_classes_alone(coco_setup, split):
+    oracle, clip, permuted = (
+        held_out_classes.evaluate(coco_setup, split, variant) for variant in ("oracle", "text", "permuted")
+    )
     assert set(clip["per_class"]) == set(split["names"])  # 80 classes from a 68-class checkpoint
     known = [held_out_classes.class_mean(metrics, split["known"]) for metrics in (oracle, clip, permuted)]
     assert all(abs(value - known[0]) <= 0.003 for value in known[1:])
     held = [held_out_classes.class_mean(metrics, split["held"]) for metrics in (clip, permuted)]
     assert held[0] > 0.01 and held[0] > held[1] + 0.01
+
+
+def test_a_split_of_one_class_has_no_permuted_control_and_a_base_with_fusion_is_refused(tmp_path, coco_setup):
+    rows = held_out_classes.class_texts(coco_setup.config(), tmp_path / "cache")
+    split = held_out_classes.prepare_split(coco_setup, tmp_path / "one", [5], rows)
+    assert split["held"] == ["bus"] and split["variants"] == ["oracle", "text", "random", "random_rows"]
+    with pytest.raises(held_out_classes.HeldOutError, match="--count 79: with 80 classes hold out 1 to 78"):
+        held_out_classes.run(coco_setup, tmp_path / "run", count=79, offsets=[0])
