@@ -384,6 +384,7 @@ def phase_model(run: Run, start: StartPoint, index: int, text: TextEmbeddings | 
         fusion=run.config.fusion,
         designs=run.designs,
         class_scores=model_config.class_scores,
+        text_map_rank=model_config.text_map_rank,
         new_classes=model_config.new_classes,
         # As official DEIMv2 (sync_bn): batch statistics over all GPUs when BatchNorm trains (phase 0).
         sync_batchnorm=run.context.world_size > 1 and run.context.device.type == "cuda",

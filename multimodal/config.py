@@ -35,6 +35,10 @@ class ModelConfig:
     # embedding through one map shared by all classes (phases 1-3; fitted to the trained heads, so nothing changes at
     # the start). None: "text" when new_classes is "text", else "linear"; resolved on load.
     class_scores: str | None = None
+    # With class_scores "text": the rank of the map shared by all classes (None: full, and the fit to the trained heads
+    # is exact for up to text-width + 1 classes). A lower rank constrains more; below K − 1 for K classes the scores no
+    # longer start exactly at the trained heads' (the log gives the residual).
+    text_map_rank: int | None = None
     # Classes of the data that the start weights lack (known classes matched by name, or for an official file the
     # first K categories): "none" refuses them; "text" scores them from their descriptions (no labelled image
     # needed; with class_scores "linear", as ordinary rows composed from the known rows by the descriptions, which
@@ -332,6 +336,8 @@ def validate(config: TrainConfig) -> None:
     _one_of("model.new_classes", model.new_classes, ("none", "text", "random"))
     if model.class_scores is not None:
         _one_of("model.class_scores", model.class_scores, ("linear", "text"))
+    if model.text_map_rank is not None:
+        _at_least("model.text_map_rank", model.text_map_rank, 1)
     if model.new_classes != "none" and model.reinit_class_heads:
         raise ConfigError(
             "model.reinit_class_heads replaces every class row, model.new_classes keeps the known ones: set only one"

@@ -45,6 +45,7 @@ class ModelSpec:
     fusion: FusionConfig = field(default_factory=FusionConfig)
     designs: FusionDesigns = field(default_factory=FusionDesigns)
     class_scores: str = "linear"  # or "text" (model.class_scores)
+    text_map_rank: int | None = None  # the text score heads' shared map: its rank, None for full (model.text_map_rank)
     new_classes: str = "none"  # or "text", "random" (model.new_classes)
     sync_batchnorm: bool = False  # several CUDA processes: BatchNorm statistics over all of them (official sync_bn)
 
@@ -76,6 +77,7 @@ class AssembledModel:
 
 
 TEXT_SCORE_KEY = "decoder.enc_score_head.text_map.weight"  # present in weights whose heads score from the text
+REDUCE_KEY = "decoder.enc_score_head.reduce.weight"  # and, when their shared map has a rank, its [rank, hidden] factor
 
 
 def _known_classes(spec: ModelSpec, weights: Weights) -> tuple[list[str], list[str]]:
@@ -156,12 +158,14 @@ def assemble_model(spec: ModelSpec, weights: Weights) -> AssembledModel:
             classifier=spec.designs.classifier,
             scores_from_text=scores_from_text,
             known=known,
+            text_map_rank=spec.text_map_rank,
         )
     residual = fit_residual(model.detector)
     if scores_from_text and not text_form and residual > 1e-4:
         notes.append(
             f"the text score heads were fitted to the trained ones by least squares with a relative residual of "
-            f"{residual:.2g} (the class texts do not span the classes exactly, e.g. more classes than the text width): "
+            f"{residual:.2g} (the class texts do not span the classes exactly, e.g. more classes than the text width, "
+            "or model.text_map_rank is below their count − 1): "
             "the scores start close to the detector's, not equal"
         )
     load_weights(model, weights.detector if exact else None, weights.fusion, weights.source)
@@ -198,6 +202,7 @@ def checkpoint_spec(checkpoint, path: str | Path) -> ModelSpec:
         fusion=fusion,
         # As for the classifier, the weights say which score heads must exist.
         class_scores="text" if TEXT_SCORE_KEY in detector_state else "linear",
+        text_map_rank=detector_state[REDUCE_KEY].shape[0] if REDUCE_KEY in detector_state else None,
     )
 
 

@@ -12,12 +12,17 @@ by least squares from a trained linear head, exactly when the K centred texts sp
 width and the texts independent), so converting a converged detector changes none of its scores. A class added later
 is scored by its description alone: its row is the known rows composed by the coefficients that express its centred
 text in the known classes' centred texts.
+
+With a ``rank`` r, W is the product of a [r, hidden] reduction and a [D_t, r] map (W's best rank-r approximation at
+the fit, split evenly between the two): a stronger constraint on how the classes' scores can move together. The fit
+stays exact when r ≥ K − 1, the rank of the exact W.
 """
 
 import torch
 from torch import Tensor, nn
 
 from deim_lib.decoder.deim_transformer import PRIOR_BIAS
+from multimodal.config import ConfigError
 from multimodal.model.fusion import in_float32
 
 
@@ -35,20 +40,22 @@ class TextClassScores(nn.Module):
     """A drop-in for one DEIMv2 score head: ``forward(x)`` x [..., hidden] → logits [..., K] for the K rows of
     ``texts``, computed in float32 (the texts' differences are small); see the module docstring for the formula.
 
-    ``center`` (μ) is persistent: it is part of the fitted map, whereas the texts can change.
+    ``center`` (μ) is persistent: it is part of the fitted map, whereas the texts can change. ``rank``: W factored
+    as ``text_map.weight @ reduce.weight`` (None: W is ``text_map.weight`` itself).
     """
 
-    def __init__(self, hidden_dim: int, texts: ClassTexts, center: Tensor):
+    def __init__(self, hidden_dim: int, texts: ClassTexts, center: Tensor, rank: int | None = None):
         super().__init__()
         self.texts = texts
         self.register_buffer("center", center.detach().float().clone())
-        self.text_map = nn.Linear(hidden_dim, center.shape[-1])  # W and β
+        self.reduce = nn.Identity() if rank is None else nn.Linear(hidden_dim, rank, bias=False)
+        self.text_map = nn.Linear(hidden_dim if rank is None else rank, center.shape[-1])  # W (or its left factor), β
         self.shared = nn.Linear(hidden_dim, 1)  # h and c
 
     def forward(self, x: Tensor) -> Tensor:
         with in_float32(x.device.type):
             x = x.float()
-            return self.text_map(x) @ (self.texts.embeddings - self.center).T + self.shared(x)
+            return self.text_map(self.reduce(x)) @ (self.texts.embeddings - self.center).T + self.shared(x)
 
 
 def _solve(known_text: Tensor, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, float]:
@@ -62,14 +69,30 @@ def _solve(known_text: Tensor, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, fl
     return center, solution, mean_row, residual
 
 
-def fit(head: nn.Linear, texts: ClassTexts, known: Tensor) -> tuple[TextClassScores, float]:
+def fit(head: nn.Linear, texts: ClassTexts, known: Tensor, rank: int | None = None) -> tuple[TextClassScores, float]:
     """A ``TextClassScores`` head that gives the classes ``known`` (indices into ``texts``, in the order of ``head``'s
-    rows) exactly ``head``'s logits; returns it with the fit's relative residual (0 up to rounding when exact)."""
+    rows) exactly ``head``'s logits; returns it with the fit's relative residual (0 up to rounding when exact). With
+    ``rank``, W is truncated to its best rank-``rank`` approximation, and the residual says what that cost."""
     rows = torch.cat([head.weight.detach(), head.bias.detach()[:, None]], dim=1)
     center, solution, mean_row, residual = _solve(texts.embeddings[known], rows)
-    scores = TextClassScores(head.in_features, texts, center.float())
+    if rank is not None and rank > min(head.in_features, texts.embeddings.shape[1]):
+        raise ConfigError(
+            f"model.text_map_rank: {rank} exceeds the rank a map from the queries ({head.in_features} wide) to the "
+            f"texts ({texts.embeddings.shape[1]} wide) can have; lower it, or leave it unset for the full map"
+        )
+    scores = TextClassScores(head.in_features, texts, center.float(), rank)
     with torch.no_grad():
-        scores.text_map.weight.copy_(solution[:, :-1])
+        if rank is None:
+            scores.text_map.weight.copy_(solution[:, :-1])
+        else:
+            left, singular, right = torch.linalg.svd(solution[:, :-1], full_matrices=False)
+            root = singular[:rank].sqrt()
+            scores.text_map.weight.copy_(left[:, :rank] * root)
+            scores.reduce.weight.copy_(root[:, None] * right[:rank])
+            truncated = torch.cat([left[:, :rank] * singular[:rank] @ right[:rank], solution[:, -1:]], dim=1)
+            text = texts.embeddings[known].double()
+            fitted = (text - center) @ truncated + mean_row
+            residual = float((fitted - rows.double()).norm() / rows.double().norm().clamp_min(1e-12))
         scores.text_map.bias.copy_(solution[:, -1])
         scores.shared.weight.copy_(mean_row[None, :-1])
         scores.shared.bias.copy_(mean_row[-1:])
@@ -90,14 +113,15 @@ def fit_residual(detector: nn.Module) -> float:
     return max(getattr(getattr(parent, name), "fit_residual", 0.0) for parent, name in _score_heads(detector.decoder))
 
 
-def use_text_scores(detector: nn.Module, texts: ClassTexts, known: Tensor) -> float:
-    """Replace every score head of ``detector`` by a ``TextClassScores`` fitted to it, in place; the detector then has
-    one class per row of ``texts``. ``known[j]``: the row of ``texts`` describing the head's class j. Returns the
-    largest fit residual. The denoising queries' class embedding grows the same way, its new rows composed."""
+def use_text_scores(detector: nn.Module, texts: ClassTexts, known: Tensor, rank: int | None = None) -> float:
+    """Replace every score head of ``detector`` by a ``TextClassScores`` fitted to it (W of ``rank``, None: full),
+    in place; the detector then has one class per row of ``texts``. ``known[j]``: the row of ``texts`` describing the
+    head's class j. Returns the largest fit residual. The denoising queries' class embedding grows the same way, its
+    new rows composed."""
     decoder = detector.decoder
     residual = 0.0
     for parent, name in _score_heads(decoder):
-        scores, error = fit(getattr(parent, name), texts, known)
+        scores, error = fit(getattr(parent, name), texts, known, rank)
         setattr(parent, name, scores)
         residual = max(residual, error)
     _resize_denoising_embedding(decoder, known, len(texts.embeddings), texts.embeddings)

@@ -120,21 +120,22 @@ def attach_text(
     classifier: type[nn.Module] = TextAwareClassifier,
     scores_from_text: bool = False,
     known: Tensor | None = None,
+    text_map_rank: int | None = None,
 ) -> MultimodalDetector:
     """Wrap ``detector`` with a fresh fusion module (identity at init) for ``text_embeddings`` float32 [K, D_t].
 
     Fusion widths follow the encoder's output channels; ``level`` is the fusion design of one level. With
     ``text_aware_classification`` a ``classifier`` (``classifier(query_dim, text_dim)``) on the decoder's query width
     is added. With ``scores_from_text`` every score head is replaced by one fitted to it that computes the scores from
-    the text (``class_scores.use_text_scores``; ``known[j]``: the text row of the detector's class j, default the
-    identity), so the detector gets one class per text row. Otherwise the detector's weights are used as they are
-    (load them before or after).
+    the text (``class_scores.use_text_scores``, its shared map of ``text_map_rank``; ``known[j]``: the text row of the
+    detector's class j, default the identity), so the detector gets one class per text row. Otherwise the detector's
+    weights are used as they are (load them before or after).
     """
     text_dim = text_embeddings.shape[-1]
     texts = ClassTexts(text_embeddings)
     if scores_from_text:
         known = torch.arange(detector.num_classes) if known is None else known
-        use_text_scores(detector, texts, known)
+        use_text_scores(detector, texts, known, text_map_rank)
     fusion = MultimodalFusionModule(detector.encoder.out_channels, text_dim, num_heads=num_heads, level=level)
     classifier = classifier(detector.decoder.hidden_dim, text_dim) if text_aware_classification else None
     return MultimodalDetector(detector, fusion, texts.to(text_embeddings.device), classifier)

@@ -1,6 +1,8 @@
 """Class scores from the text: an exact start, known classes untouched when classes are added (by name, or as the
 first K for a file without names), text rows against random rows, and a description that steers its own class only."""
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -9,8 +11,9 @@ import torch.nn.functional as F
 from deim_lib import build_detector
 from deim_lib.variants import get_variant
 from multimodal.config import ConfigError, FusionConfig
-from multimodal.model.assemble import ModelSpec, Weights, assemble_model
+from multimodal.model.assemble import REDUCE_KEY, ModelSpec, Weights, assemble_model, checkpoint_spec
 from multimodal.model.class_scores import ClassTexts, fit
+from multimodal.model.detector import split_state
 from multimodal.model.text_encoder import TextEmbeddings
 
 NAMES = ["crack", "dent", "rust", "scratch", "pit"]
@@ -156,3 +159,22 @@ def test_text_initialised_free_rows_start_as_the_shared_map_scores():
     official = build_detector("atto", len(NAMES), eval_size=(SIZE, SIZE)).state_dict()
     assert {k: v.shape for k, v in rows.detector.state_dict().items()} == {k: v.shape for k, v in official.items()}
     torch.testing.assert_close(head_logits(rows, features), head_logits(shared, features), atol=1e-4, rtol=1e-4)
+
+
+def test_a_shared_map_of_lower_rank_is_exact_down_to_k_minus_one_and_rebuilds_with_its_rank():
+    state, features = trained_detector(len(NAMES)), torch.randn(1, 30, 64)
+    base = head_logits(assemble_model(spec(NAMES, class_scores="linear"), Weights("b", state)).model, features)
+    exact = assemble_model(spec(NAMES, text_map_rank=len(NAMES) - 1), Weights("b", state))
+    assert not exact.notes  # K − 1 is the rank of the exact map: nothing is lost
+    torch.testing.assert_close(head_logits(exact.model, features), base, atol=1e-4, rtol=1e-4)
+    low = assemble_model(spec(NAMES, text_map_rank=2), Weights("b", state))
+    assert "least squares with a relative residual" in low.notes[0]
+    detector, fusion = split_state(low.model.state_dict())
+    assert detector[REDUCE_KEY].shape == (2, 64)
+    # A checkpoint of it is rebuilt with the same factors, read from its weights.
+    info = SimpleNamespace(variant="atto", class_names=NAMES, image_size=SIZE, config={"fusion": {"num_heads": 4}})
+    stored = SimpleNamespace(info=info, weights=lambda: (detector, fusion), text_embeddings=text_of(NAMES).to_dict())
+    rebuilt = assemble_model(checkpoint_spec(stored, "p.pth"), Weights("p.pth", detector, fusion, list(NAMES))).model
+    torch.testing.assert_close(head_logits(rebuilt, features), head_logits(low.model, features), atol=0, rtol=0)
+    with pytest.raises(ConfigError, match=r"model\.text_map_rank: 33 exceeds the rank a map from the queries"):
+        assemble_model(spec(NAMES, text_map_rank=33), Weights("b", state))  # the texts are 32 wide
