@@ -36,8 +36,8 @@ class ModelConfig:
     # the start). None: "text" when new_classes is "text", else "linear"; resolved on load.
     class_scores: str | None = None
     # With class_scores "text": the rank of the map shared by all classes (None: full, and the fit to the trained heads
-    # is exact for up to text-width + 1 classes). A lower rank constrains more; below K − 1 for K classes the scores no
-    # longer start exactly at the trained heads' (the log gives the residual).
+    # is exact for up to text-width + 1 classes). A lower rank constrains more; below K − 1 for K classes (or the
+    # query width) the scores no longer start exactly at the trained heads' (the log gives the residual).
     text_map_rank: int | None = None
     # Classes of the data that the start weights lack (known classes matched by name, or for an official file the
     # first K categories): "none" refuses them; "text" scores them from their descriptions (no labelled image

@@ -15,7 +15,7 @@ text in the known classes' centred texts.
 
 With a ``rank`` r, W is the product of a [r, hidden] reduction and a [D_t, r] map (W's best rank-r approximation at
 the fit, split evenly between the two): a stronger constraint on how the classes' scores can move together. The fit
-stays exact when r ≥ K − 1, the rank of the exact W.
+stays exact when r is at least the exact W's rank (at most K − 1, the query width and the text width).
 """
 
 import torch
