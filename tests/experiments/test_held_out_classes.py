@@ -48,3 +48,23 @@ def test_a_split_of_one_class_has_no_permuted_control_and_a_base_with_fusion_is_
     assert split["held"] == ["bus"] and split["variants"] == ["oracle", "text", "random", "random_rows"]
     with pytest.raises(held_out_classes.HeldOutError, match="--count 79: with 80 classes hold out 1 to 78"):
         held_out_classes.run(coco_setup, tmp_path / "run", count=79, offsets=[0])
+
+
+def test_the_figure_takes_the_controls_from_the_first_results_and_each_text_from_its_own(tmp_path):
+    spec = importlib.util.spec_from_file_location("plot_held_out", PROJECT_DIR / "experiments" / "plot_held_out.py")
+    plot_held_out = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(plot_held_out)
+
+    def results(text_ap: float, with_permuted: bool) -> dict:
+        names = ["oracle", "text", "random", "random_rows", *(["permuted"] if with_permuted else [])]
+        variants = {name: {"held_out_AP": 0.1 * k, "known_AP": 0.3 + 0.001 * k} for k, name in enumerate(names)}
+        variants["text"]["held_out_AP"] = text_ap
+        return {"split_0": {"held_out": ["a"], "variants": variants}}
+
+    splits, held, known = plot_held_out.bars({"CLIP": results(0.5, True), "MiniLM": results(0.7, False)})
+    assert splits == ["split_0"]
+    assert list(held) == ["own rows (oracle)", "CLIP", "MiniLM", "CLIP permuted", "random text", "random rows"]
+    assert held["CLIP"] == [0.5] and held["MiniLM"] == [0.7] and held["CLIP permuted"] == [pytest.approx(0.4)]
+    assert known["own rows (oracle)"] == [0.0] and known["random rows"] == [pytest.approx(0.003)]
+    plot_held_out.plot({"CLIP": results(0.5, True)}, tmp_path / "figure.png")
+    assert (tmp_path / "figure.png").stat().st_size > 1000
