@@ -252,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--init", type=Path, required=True, help="the base detector: an official or a phase-0 checkpoint")
     add("--output", type=Path, required=True, help="folder of the splits and the results")
     add("--count", type=int, default=1, help="classes held out in each split")
-    add("--offsets", type=int, nargs="+", help="the splits' first class (default: every split, each class once)")
+    add("--offsets", type=int, nargs="+", help="the splits' first class (default: 0 to K/count − 1)")
     add("--descriptions", type=Path, help="YAML of class name → description, replacing the config's")
     add("--set", action="append", default=[], metavar="KEY=VALUE", help="a config override for every evaluation")
     add("--device", choices=["cpu", "cuda"], help="default: cuda when available")

@@ -3,7 +3,7 @@ erode it? And with a few labelled images of each held-out class, do text-scored 
 
     python experiments/held_out_training.py --output runs/held_out_training [--offsets 0 2 4] [--epochs 3]
     python experiments/held_out_training.py --output runs/few_shot --offsets 4 --shots 1 5 20 --seeds 0 1 2 --epochs 4 \
-        [--lr 2e-4] [--variants text text_low_rank --rank 16]
+        [--lr 2e-4] [--variants text_low_rank --rank 32]
 
 Per split of ``held_out_classes`` (12 of COCO's 80 classes held out, a 68-class official checkpoint ``known.pth``),
 the training file is coco-tiny train + COCO128 (208 images) with the validation file's category list (68 known
@@ -20,8 +20,8 @@ the 12 classes the checkpoint lacks:
   together (weight decay on W is a prior on the rows through their texts), free rows move alone;
 - ``oracle`` (with ``--shots`` only): the original 80-class detector with its own rows, trained the same way;
 - ``text_low_rank`` (chosen with ``--variants`` and ``--rank R``): ``text`` with a shared map of rank R
-  (``model.text_map_rank``), a stronger tie between the classes; below 67 (K − 1 for the 68 known classes) it no
-  longer starts exactly at the converged heads, so its start is evaluated too.
+  (``model.text_map_rank``), a stronger tie between the classes; below the full map's rank (at most 64 on atto, its
+  query width) it no longer starts exactly at the converged heads, so its start is evaluated too.
 
 Each trained ``phase2_best.pth`` is evaluated with ``--eval-only`` on coco-tiny val (80 images, all 80 classes), and
 compared with the start (``held_out_classes.evaluate``) and with the base's known AP (the untrained oracle's).
