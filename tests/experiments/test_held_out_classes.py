@@ -5,6 +5,7 @@ import importlib.util
 from pathlib import Path
 
 import pytest
+import torch
 
 PROJECT_DIR = Path(__file__).resolve().parents[2]
 spec = importlib.util.spec_from_file_location("held_out_classes", PROJECT_DIR / "experiments" / "held_out_classes.py")
@@ -48,6 +49,11 @@ def test_a_split_of_one_class_has_no_permuted_control_and_a_base_with_fusion_is_
     assert split["held"] == ["bus"] and split["variants"] == ["oracle", "text", "random", "random_rows"]
     with pytest.raises(held_out_classes.HeldOutError, match="--count 79: with 80 classes hold out 1 to 78"):
         held_out_classes.run(coco_setup, tmp_path / "run", count=79, offsets=[0])
+    with_fusion = tmp_path / "phase1.pth"
+    state = torch.load(coco_setup.init)["model"]
+    torch.save({"model": state, "fusion": {"w": torch.zeros(1)}, "phase": 1}, with_fusion)
+    with pytest.raises(held_out_classes.HeldOutError, match="a phase-1 checkpoint with text fusion; the test needs"):
+        held_out_classes.base_state(with_fusion, 80)
 
 
 def test_the_figure_takes_the_controls_from_the_first_results_and_each_text_from_its_own(tmp_path):
