@@ -40,7 +40,6 @@ from deim_lib.errors import UserError
 from experiments import compare_runs, held_out_classes
 from multimodal.config import TrainConfig, load_config
 from multimodal.files import atomic_write, atomic_write_text, process_alive
-from multimodal.model.text_encoder import load_text_embeddings
 from multimodal.train.checkpoint import checkpoint_path, read_phase_checkpoint
 
 PROJECT_DIR = Path(__file__).resolve().parents[1]
@@ -166,7 +165,7 @@ def write_text_controls(config: TrainConfig, output: Path, runs: list[str]) -> t
         return files, []
     # The real rows: the config's text model (cached) or its text_encoder.precomputed file.
     cache = Path(config.text_encoder.cache_dir) if config.text_encoder.cache_dir else output / "text_cache"
-    rows = load_text_embeddings(held_out_classes.class_prompts(config), config.text_encoder, cache).embeddings.numpy()
+    rows = held_out_classes.class_texts(config, cache)
     rng = np.random.default_rng(0)
     random_rows = rng.standard_normal(rows.shape)
     # A random cycle over the classes: every class takes the next one's row, so none keeps its own.

@@ -163,6 +163,19 @@ def prepare_split(setup: Setup, work: Path, held: list[int], rows: np.ndarray, s
     }
 
 
+def command(argv: list[str], log: Path) -> dict | None:
+    """``train_progressive.main(argv)`` with its output in ``log``; the metrics of its ``metrics:`` line, if any."""
+    output = io.StringIO()
+    with contextlib.redirect_stdout(output), contextlib.redirect_stderr(output):
+        code = train_progressive.main(argv)
+    log.parent.mkdir(parents=True, exist_ok=True)
+    log.write_text(output.getvalue())
+    if code != 0:
+        raise RuntimeError(f"train_progressive.py exited {code}, see {log}:\n{output.getvalue()[-2000:]}")
+    line = next((line for line in output.getvalue().splitlines() if line.startswith("metrics: ")), None)
+    return json.loads(line.removeprefix("metrics: ")) if line else None
+
+
 def evaluate(setup: Setup, split: dict, variant: str) -> dict:
     """The user's ``--eval-only`` command for ``variant``; returns the metrics of its ``metrics:`` line."""
     work = split["work"]
@@ -183,13 +196,7 @@ def evaluate(setup: Setup, split: dict, variant: str) -> dict:
     argv += ["--config", str(setup.config_file)] if setup.config_file else []
     argv += ["--device", setup.device] if setup.device else []
     argv += [f"--set={value}" for value in settings]
-    output = io.StringIO()
-    with contextlib.redirect_stdout(output):
-        code = train_progressive.main(argv)
-    line = next((line for line in output.getvalue().splitlines() if line.startswith("metrics: ")), None)
-    if code != 0 or line is None:
-        raise RuntimeError(f"{variant}: train_progressive.py exited {code}:\n{output.getvalue()[-2000:]}")
-    return json.loads(line.removeprefix("metrics: "))
+    return command(argv, work / "out" / f"{variant}.log")
 
 
 def class_mean(metrics: dict, names: list[str]) -> float:

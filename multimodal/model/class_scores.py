@@ -64,22 +64,26 @@ def _solve(known_text: Tensor, rows: Tensor) -> tuple[Tensor, Tensor, Tensor, fl
     text, rows = known_text.double(), rows.double()
     center, mean_row = text.mean(dim=0), rows.mean(dim=0)
     solution = torch.linalg.pinv(text - center) @ (rows - mean_row)
-    fitted = (text - center) @ solution + mean_row
-    residual = float((fitted - rows).norm() / rows.norm().clamp_min(1e-12))
-    return center, solution, mean_row, residual
+    return center, solution, mean_row, _residual(text, center, solution, mean_row, rows)
+
+
+def _residual(text: Tensor, center: Tensor, solution: Tensor, mean_row: Tensor, rows: Tensor) -> float:
+    """How far the map gives ``rows`` for ``text``: ‖(text − μ)·X + mean row − rows‖ / ‖rows‖, in float64."""
+    fitted = (text.double() - center) @ solution + mean_row
+    return float((fitted - rows.double()).norm() / rows.double().norm().clamp_min(1e-12))
 
 
 def fit(head: nn.Linear, texts: ClassTexts, known: Tensor, rank: int | None = None) -> tuple[TextClassScores, float]:
     """A ``TextClassScores`` head that gives the classes ``known`` (indices into ``texts``, in the order of ``head``'s
     rows) exactly ``head``'s logits; returns it with the fit's relative residual (0 up to rounding when exact). With
     ``rank``, W is truncated to its best rank-``rank`` approximation, and the residual says what that cost."""
-    rows = torch.cat([head.weight.detach(), head.bias.detach()[:, None]], dim=1)
-    center, solution, mean_row, residual = _solve(texts.embeddings[known], rows)
     if rank is not None and rank > min(head.in_features, texts.embeddings.shape[1]):
         raise ConfigError(
             f"model.text_map_rank: {rank} exceeds the rank a map from the queries ({head.in_features} wide) to the "
             f"texts ({texts.embeddings.shape[1]} wide) can have; lower it, or leave it unset for the full map"
         )
+    rows = torch.cat([head.weight.detach(), head.bias.detach()[:, None]], dim=1)
+    center, solution, mean_row, residual = _solve(texts.embeddings[known], rows)
     scores = TextClassScores(head.in_features, texts, center.float(), rank)
     with torch.no_grad():
         if rank is None:
@@ -90,9 +94,7 @@ def fit(head: nn.Linear, texts: ClassTexts, known: Tensor, rank: int | None = No
             scores.text_map.weight.copy_(left[:, :rank] * root)
             scores.reduce.weight.copy_(root[:, None] * right[:rank])
             truncated = torch.cat([left[:, :rank] * singular[:rank] @ right[:rank], solution[:, -1:]], dim=1)
-            text = texts.embeddings[known].double()
-            fitted = (text - center) @ truncated + mean_row
-            residual = float((fitted - rows.double()).norm() / rows.double().norm().clamp_min(1e-12))
+            residual = _residual(texts.embeddings[known], center, truncated, mean_row, rows)
         scores.text_map.bias.copy_(solution[:, -1])
         scores.shared.weight.copy_(mean_row[None, :-1])
         scores.shared.bias.copy_(mean_row[-1:])
